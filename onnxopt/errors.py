@@ -1,0 +1,17 @@
+"""Errors that the CLI turns into one line on stderr and an exit code."""
+
+
+class OnnxoptError(Exception):
+    exit_code = 1
+
+
+class UsageError(OnnxoptError):
+    """Bad input from the user: a missing file, a bad option, an unknown pass (exit 2)."""
+
+    exit_code = 2
+
+
+class CheckFailed(OnnxoptError):
+    """A model failed a check or a gate (exit 1)."""
+
+    exit_code = 1

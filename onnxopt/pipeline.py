@@ -1,0 +1,116 @@
+"""Run an ordered list of passes, recording what each one did."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from collections.abc import Callable, Sequence
+
+import onnx_ir as ir
+
+from onnxopt import io
+from onnxopt.errors import CheckFailed, OnnxoptError
+from onnxopt.passbase import OptPass, as_pass
+from onnxopt.stats import Stats
+
+MAX_ROUNDS = 8
+
+
+@dataclasses.dataclass
+class PassRecord:
+    name: str
+    seconds: float = 0.0
+    modified: bool = False
+    rounds: int = 0
+    delta: dict[str, int] = dataclasses.field(default_factory=dict)
+
+    def add(self, seconds: float, modified: bool, delta: dict[str, int]) -> None:
+        self.seconds += seconds
+        self.modified |= modified
+        self.rounds += 1
+        for key, value in delta.items():
+            self.delta[key] = self.delta.get(key, 0) + value
+
+
+@dataclasses.dataclass
+class RunReport:
+    before: Stats
+    after: Stats
+    passes: list[PassRecord]
+    seconds: float
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def signature(model: ir.Model) -> list[tuple]:
+    """Names, element types and ranks of the graph's inputs and outputs."""
+    def sig(values, kind):
+        return [(kind, v.name, v.dtype, None if v.shape is None else len(v.shape)) for v in values]
+
+    graph = model.graph
+    inputs = [v for v in graph.inputs if v.name not in graph.initializers]
+    return sig(inputs, "input") + sig(graph.outputs, "output")
+
+
+def groups(passes: Sequence[OptPass]) -> list[list[OptPass]]:
+    """Consecutive fixed-point passes form one group that is repeated until nothing changes."""
+    out: list[list[OptPass]] = []
+    for p in passes:
+        if p.fixed_point and out and out[-1][-1].fixed_point:
+            out[-1].append(p)
+        else:
+            out.append([p])
+    return out
+
+
+def run(
+    model: ir.Model | str | os.PathLike,
+    passes: Sequence[OptPass | str],
+    *,
+    max_rounds: int = MAX_ROUNDS,
+    on_pass: Callable[[OptPass], None] | None = None,
+) -> tuple[ir.Model, RunReport]:
+    """Run ``passes`` (objects or names such as ``"fold(size_limit=1024)"``) on ``model`` in place.
+
+    Returns the optimized model and a report of the time and the changes of every pass.
+    """
+    passes = [as_pass(p) for p in passes]
+    if not isinstance(model, ir.Model):
+        model = io.load(model)
+    start = time.perf_counter()
+    before = Stats.of(model)
+    records = {id(p): PassRecord(repr(p)) for p in passes}
+    expected = signature(model)
+    current = before
+    for group in groups(passes):
+        rounds = max_rounds if group[0].fixed_point else 1
+        for _ in range(rounds):
+            changed = False
+            for p in group:
+                if on_pass:
+                    on_pass(p)
+                t = time.perf_counter()
+                modified = _apply(p, model)
+                seconds = time.perf_counter() - t
+                after = Stats.of(model)
+                records[id(p)].add(seconds, modified, current.delta(after))
+                current = after
+                changed |= modified
+                if signature(model) != expected:
+                    raise CheckFailed(f"pass {p!r} changed the model's inputs or outputs; refusing its result")
+            if not changed:
+                break
+    report = RunReport(before, current, list(records.values()), time.perf_counter() - start)
+    return model, report
+
+
+def _apply(p: OptPass, model: ir.Model) -> bool:
+    try:
+        return p(model).modified
+    except OnnxoptError:
+        raise
+    except Exception as e:
+        cause = e.__cause__ or e
+        raise CheckFailed(f"pass {p!r} failed on this model: {type(cause).__name__}: {cause}") from e

@@ -1,0 +1,101 @@
+"""Graph helpers shared by the passes, on top of onnx-ir."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+import onnx_ir.passes.common as common
+
+STANDARD_DOMAINS = ("", "ai.onnx")
+
+
+def is_standard(node: ir.Node, *op_types: str) -> bool:
+    return node.domain in STANDARD_DOMAINS and (not op_types or node.op_type in op_types)
+
+
+def constant(value: ir.Value | None) -> np.ndarray | None:
+    """The value of an initializer that a caller cannot override (it is not a graph input)."""
+    if value is None or value.producer() is not None or value.const_value is None or value.is_graph_input():
+        return None
+    try:
+        return value.const_value.numpy()
+    except Exception:  # a dtype numpy cannot hold, or unreadable external data
+        return None
+
+
+def lift_constants(model: ir.Model) -> bool:
+    """Constant nodes become initializers, so that every constant is found the same way."""
+    return common.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(model).modified
+
+
+def remove_unused(model: ir.Model) -> bool:
+    return common.RemoveUnusedNodesPass()(model).modified
+
+
+def infer_shapes(model: ir.Model) -> None:
+    """Refresh value shapes and types; a model onnx cannot infer keeps the ones it has."""
+    try:
+        common.ShapeInferencePass(strict_mode=False)(model)
+    except Exception:
+        pass
+
+
+def graphs_of(model: ir.Model) -> list[ir.Graph]:
+    """The main graph, then every subgraph (If branches, Loop and Scan bodies)."""
+    return [model.graph, *model.graph.subgraphs()]
+
+
+def rank(value: ir.Value) -> int | None:
+    return None if value.shape is None else len(value.shape)
+
+
+def static_shape(value: ir.Value) -> tuple[int, ...] | None:
+    if value.shape is None or not all(isinstance(d, int) for d in value.shape):
+        return None
+    return tuple(value.shape)
+
+
+def add_initializer(graph: ir.Graph, array: np.ndarray, name: str | None = None) -> ir.Value:
+    tensor = ir.tensor(array)
+    value = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(tensor.dtype), const_value=tensor)
+    graph.register_initializer(value)
+    return value
+
+
+def replace_with_constant(value: ir.Value, array: np.ndarray) -> bool:
+    """Make every use of ``value`` (a node output) read an initializer holding ``array``, under the same name."""
+    graph = value.graph
+    if graph is None or array.dtype.kind in "OSUV":
+        return False
+    try:
+        if value.dtype is not None and ir.DataType.from_numpy(array.dtype) != value.dtype:
+            return False
+    except TypeError:
+        return False
+    name = value.name
+    value.name = f"{name}__folded"
+    constant_value = add_initializer(graph, array if array.flags.c_contiguous else array.copy(), name)
+    value.replace_all_uses_with(constant_value, replace_graph_outputs=True)
+    return True
+
+
+def replace_value(old: ir.Value, new: ir.Value) -> None:
+    """Make every use of ``old`` read ``new``. A graph output keeps its name: ``new`` takes it over,
+    or, where ``new`` cannot be renamed (a graph input, an initializer, a value of an outer graph, or
+    another graph output), an Identity node carries it."""
+    graph = old.graph
+    if not old.is_graph_output():
+        old.replace_all_uses_with(new)
+        return
+    name = old.name
+    old.name = f"{name}__replaced"
+    if new.producer() is not None and new.graph is graph and not new.is_graph_output():
+        new.name = name
+        old.replace_all_uses_with(new, replace_graph_outputs=True)
+        return
+    old.replace_all_uses_with(new)
+    carrier = ir.Value(name=name, type=old.type or new.type, shape=old.shape or new.shape)
+    graph.append(ir.node("Identity", [new], outputs=[carrier]))
+    for i, output in enumerate(graph.outputs):
+        if output is old:
+            graph.outputs[i] = carrier
