@@ -85,22 +85,24 @@ def run(
     expected = signature(model)
     current = before
     for group in groups(passes):
-        rounds = max_rounds if group[0].fixed_point else 1
-        for _ in range(rounds):
-            changed = False
-            for p in group:
-                if on_pass:
-                    on_pass(p)
-                t = time.perf_counter()
-                modified = _apply(p, model)
-                seconds = time.perf_counter() - t
-                after = Stats.of(model)
-                records[id(p)].add(seconds, modified, current.delta(after))
-                current = after
-                changed |= modified
-                if signature(model) != expected:
-                    raise CheckFailed(f"pass {p!r} changed the model's inputs or outputs; refusing its result")
-            if not changed:
+        # Cycle through the group until every pass but the last one to change the model has run
+        # without changing it (a pass reaches its own fixed point in one call).
+        quiet, settled = 0, max(1, len(group) - 1)
+        limit = len(group) * (max_rounds if group[0].fixed_point else 1)
+        for step in range(limit):
+            p = group[step % len(group)]
+            if on_pass:
+                on_pass(p)
+            t = time.perf_counter()
+            modified = _apply(p, model)
+            seconds = time.perf_counter() - t
+            after = Stats.of(model)
+            records[id(p)].add(seconds, modified, current.delta(after))
+            current = after
+            if signature(model) != expected:
+                raise CheckFailed(f"pass {p!r} changed the model's inputs or outputs; refusing its result")
+            quiet = 0 if modified else quiet + 1
+            if quiet >= settled and step + 1 >= len(group):
                 break
     report = RunReport(before, current, list(records.values()), time.perf_counter() - start)
     return model, report

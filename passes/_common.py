@@ -93,9 +93,9 @@ def replace_value(old: ir.Value, new: ir.Value) -> None:
         new.name = name
         old.replace_all_uses_with(new, replace_graph_outputs=True)
         return
-    old.replace_all_uses_with(new)
     carrier = ir.Value(name=name, type=old.type or new.type, shape=old.shape or new.shape)
     graph.append(ir.node("Identity", [new], outputs=[carrier]))
     for i, output in enumerate(graph.outputs):
         if output is old:
             graph.outputs[i] = carrier
+    old.replace_all_uses_with(new)

@@ -54,7 +54,9 @@ def fold_graph(graph: ir.Graph, model: ir.Model, size_limit: int) -> bool:
     nodes = foldable_nodes(graph, size_limit)
     if not nodes:
         return False
-    results = evaluate(nodes, model)
+    # Results known to be too large are computed inside the session but not fetched.
+    wanted = {v for n in nodes for v in n.outputs if v.name and not _too_large(v, size_limit)}
+    results = evaluate(nodes, model, wanted)
     members = set(nodes)
     kept: set[ir.Node] = set()
     folded = False
@@ -80,8 +82,6 @@ def foldable_nodes(graph: ir.Graph, size_limit: int) -> list[ir.Node]:
             continue
         if not all(v is None or v in known or constant(v) is not None for v in node.inputs):
             continue
-        if any(_too_large(v, size_limit) for v in node.outputs):
-            continue
         nodes.append(node)
         known.update(node.outputs)
     return nodes
@@ -92,10 +92,10 @@ def _too_large(value: ir.Value, size_limit: int) -> bool:
     return shape is not None and int(np.prod(shape)) > size_limit
 
 
-def evaluate(nodes: list[ir.Node], model: ir.Model) -> dict[ir.Value, np.ndarray]:
+def evaluate(nodes: list[ir.Node], model: ir.Model, wanted: set[ir.Value]) -> dict[ir.Value, np.ndarray]:
     """Evaluate the nodes in one onnxruntime session; node by node when the batch fails."""
     try:
-        return _run(nodes, model)
+        return _run(nodes, model, wanted)
     except Exception:
         pass
     results: dict[ir.Value, np.ndarray] = {}
@@ -104,13 +104,13 @@ def evaluate(nodes: list[ir.Node], model: ir.Model) -> dict[ir.Value, np.ndarray
         if not all(v in results for v in inputs):
             continue
         try:
-            results.update(_run([node], model, {v: results[v] for v in inputs}))
+            results.update(_run([node], model, set(node.outputs), {v: results[v] for v in inputs}))
         except Exception:
             continue
     return results
 
 
-def _run(nodes: list[ir.Node], model: ir.Model, known: dict[ir.Value, np.ndarray] | None = None):
+def _run(nodes: list[ir.Node], model: ir.Model, wanted: set[ir.Value], known: dict | None = None):
     known = known or {}
     produced = {v for n in nodes for v in n.outputs}
     initializers, seen = [], set()
@@ -121,7 +121,7 @@ def _run(nodes: list[ir.Node], model: ir.Model, known: dict[ir.Value, np.ndarray
             seen.add(value)
             array = known[value] if value in known else constant(value)
             initializers.append(onnx.numpy_helper.from_array(array, value.name))
-    outputs = [v for v in produced if v.name]
+    outputs = [v for n in nodes for v in n.outputs if v in wanted and v.name]
     graph = onnx.helper.make_graph(
         [ir.serde.serialize_node(n) for n in nodes],
         "fold",

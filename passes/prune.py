@@ -24,13 +24,11 @@ class Prune(OptPass):
         modified = lift_constants(model)
         infer_shapes(model)
         modified |= common.IdentityEliminationPass()(model).modified
-        for graph in graphs_of(model):
-            for node in list(graph):
-                if node.graph is graph:
-                    modified |= simplify(node)
+        while sweep(model):
+            modified = True
         for cleanup in (
             common.RemoveUnusedNodesPass(),
-            common.DeduplicateHashedInitializersPass(),
+            DeduplicateInitializers(),
             common.CommonSubexpressionEliminationPass(),
             common.RemoveUnusedNodesPass(),
             common.RemoveUnusedFunctionsPass(),
@@ -38,6 +36,30 @@ class Prune(OptPass):
         ):
             modified |= cleanup(model).modified
         return ir.passes.PassResult(model, modified)
+
+
+def sweep(model: ir.Model) -> bool:
+    changed = False
+    for graph in graphs_of(model):
+        for node in list(graph):
+            if node.graph is graph:
+                changed |= simplify(node)
+    return changed
+
+
+class DeduplicateInitializers(common.DeduplicateHashedInitializersPass):
+    """onnx-ir's hashed deduplication, skipped when the model holds the same tensors as when it last ran:
+    hashing every weight again in each fixed-point round costs more than the rest of the pass."""
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        tensors = frozenset(id(v.const_value) for g in graphs_of(model) for v in g.initializers.values())
+        if model.meta.get("onnxopt.deduplicated") == tensors:
+            return ir.passes.PassResult(model, False)
+        result = super().call(model)
+        model.meta["onnxopt.deduplicated"] = frozenset(
+            id(v.const_value) for g in graphs_of(model) for v in g.initializers.values()
+        )
+        return result
 
 
 def simplify(node: ir.Node) -> bool:
@@ -50,6 +72,8 @@ def simplify(node: ir.Node) -> bool:
             return True
         if replacement is not None:
             replace_value(node.outputs[0], replacement)
+            if not any(v.uses() or v.is_graph_output() for v in node.outputs):
+                node.graph.remove(node, safe=True)
             return True
     return False
 
@@ -195,8 +219,10 @@ def arithmetic(node: ir.Node):
             continue
         if x.dtype is None or x.dtype != c.dtype or x.dtype != node.outputs[0].dtype:
             continue
-        r = rank(x)
-        if value.ndim == 0 or (r is not None and value.ndim <= r and all(d == 1 for d in value.shape)):
+        have = dims(x)
+        if value.ndim == 0 or (have is not None and value.ndim <= len(have) and all(
+            c == 1 or c == d for c, d in zip(value.shape, have[len(have) - value.ndim :])
+        )):
             return x
     return None
 
