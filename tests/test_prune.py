@@ -106,8 +106,9 @@ def test_reshape_chain_collapses_unless_it_copies_dims():
     ]
     inits = {"s1": np.array([6, 4], np.int64), "s2": np.array([4, -1], np.int64)}
     assert pruned(nodes, inits, y_shape=[4, 6]) == ["Relu", "Reshape"]
-    inits["s2"] = np.array([0, -1], np.int64)  # 0 copies a dim of the intermediate: must stay
-    assert pruned(nodes, inits, y_shape=[6, 4]) == ["Relu", "Flatten", "Reshape", "Reshape"]
+    # The last 0 copies a dim of the intermediate: that Reshape keeps its input; Flatten still goes.
+    inits["s2"] = np.array([0, 2, -1], np.int64)
+    assert pruned(nodes, inits, y_shape=[6, 2, 2]) == ["Relu", "Reshape", "Reshape"]
 
 
 def test_squeeze_unsqueeze_pairs_cancel():
