@@ -27,13 +27,12 @@ def input_shape(value: ir.Value, shapes: dict[str, list[int]], notices: list[str
         return shapes[value.name]
     if value.shape is None:
         raise UsageError(f"input {value.name} has no shape: give one with --shape {value.name}=...")
-    dims = []
-    for i, dim in enumerate(value.shape):
-        if isinstance(dim, int):
-            dims.append(dim)
-        else:
-            dims.append(1)
-            notices.append(f"input {value.name}: dim {i} ({dim.value or '?'}) set to 1; use --shape to choose")
+    dims = [d if isinstance(d, int) else 1 for d in value.shape]
+    symbolic = [str(d.value or "?") for d in value.shape if not isinstance(d, int)]
+    if symbolic:
+        notices.append(
+            f"input {value.name}: {', '.join(symbolic)} set to 1 (shape {dims}); choose with --shape {value.name}=..."
+        )
     return dims
 
 
