@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import numpy as np
+import onnx
 import onnx_ir as ir
 import onnx_ir.passes.common as common
+from onnx_ir.passes.common import _c_api_utils
 
 STANDARD_DOMAINS = ("", "ai.onnx")
 
@@ -33,11 +35,40 @@ def remove_unused(model: ir.Model) -> bool:
 
 
 def infer_shapes(model: ir.Model) -> None:
-    """Refresh value shapes and types; a model onnx cannot infer keeps the ones it has."""
+    """Refresh value shapes and types; a model onnx cannot infer keeps the ones it has.
+
+    Runs onnx's inference the way onnx-ir's ShapeInferencePass does, but merges whole types:
+    that pass sets only the element type, which turns sequence and optional values into tensors.
+    """
     try:
-        common.ShapeInferencePass(strict_mode=False)(model)
+        inferred = _c_api_utils.call_onnx_api(
+            lambda proto: onnx.shape_inference.infer_shapes(proto, check_type=True, strict_mode=False, data_prop=True),
+            model,
+        )
     except Exception:
-        pass
+        return
+    inferred_model = ir.serde.deserialize_model(inferred)
+    for graph, inferred_graph in zip(model.graphs(), inferred_model.graphs()):
+        known = ir.convenience.create_value_mapping(inferred_graph)
+        for name, value in ir.convenience.create_value_mapping(graph).items():
+            source = known.get(name)
+            if source is None or source.type is None:
+                continue
+            if value.type is None or value.type == source.type:
+                value.type = source.type
+                if source.shape is not None:
+                    value.shape = source.shape
+
+
+def strictly_valid(model: ir.Model) -> bool:
+    """Whether onnx's strict shape inference, which onnxruntime applies on load, accepts the model."""
+    try:
+        _c_api_utils.call_onnx_api(
+            lambda proto: onnx.shape_inference.infer_shapes(proto, check_type=True, strict_mode=True), model
+        )
+    except Exception:
+        return False
+    return True
 
 
 def graphs_of(model: ir.Model) -> list[ir.Graph]:
@@ -79,6 +110,11 @@ def replace_with_constant(value: ir.Value, array: np.ndarray) -> bool:
     return True
 
 
+def can_take_name(value: ir.Value, graph: ir.Graph) -> bool:
+    """Whether ``value`` may be renamed to become an output of ``graph``."""
+    return value.producer() is not None and value.graph is graph and not value.is_graph_output()
+
+
 def replace_value(old: ir.Value, new: ir.Value) -> None:
     """Make every use of ``old`` read ``new``. A graph output keeps its name: ``new`` takes it over,
     or, where ``new`` cannot be renamed (a graph input, an initializer, a value of an outer graph, or
@@ -89,8 +125,11 @@ def replace_value(old: ir.Value, new: ir.Value) -> None:
         return
     name = old.name
     old.name = f"{name}__replaced"
-    if new.producer() is not None and new.graph is graph and not new.is_graph_output():
+    if can_take_name(new, graph):
         new.name = name
+        # The graph output's declared type and shape are the contract; they hold for ``new`` too.
+        new.type = old.type or new.type
+        new.shape = old.shape if old.shape is not None else new.shape
         old.replace_all_uses_with(new, replace_graph_outputs=True)
         return
     carrier = ir.Value(name=name, type=old.type or new.type, shape=old.shape or new.shape)

@@ -18,6 +18,7 @@ from ._common import (
     replace_value,
     replace_with_constant,
     static_shape,
+    strictly_valid,
 )
 
 # Folding these would change what the model means: fresh random numbers on every run, or
@@ -43,8 +44,7 @@ class Fold(OptPass):
         for graph in graphs_of(model):
             modified |= fold_static_shapes(graph)
             modified |= fold_graph(graph, model, self.size_limit)
-        for graph in graphs_of(model):
-            modified |= inline_constant_ifs(graph)
+        modified |= inline_constant_ifs(model)
         if modified:
             remove_unused(model)
         return ir.passes.PassResult(model, modified)
@@ -210,30 +210,52 @@ def select_dims(node: ir.Node, dims: np.ndarray | None) -> np.ndarray | None:
 # -- If with a constant condition --------------------------------------------------------------
 
 
-def inline_constant_ifs(graph: ir.Graph) -> bool:
+def inline_constant_ifs(model: ir.Model) -> bool:
+    """Replace each If whose condition is constant by the branch it takes.
+
+    An If can hide shapes that its consumers' schemas reject (ONNX's own AffineGrid function feeds
+    [1]-shaped tensors to Range through one); onnxruntime would then refuse the inlined model. So
+    the inlining is tried on a copy first and kept only if strict shape inference still accepts it.
+    """
+    if not any(_constant_if(n) for g in graphs_of(model) for n in g):
+        return False
+    trial = model.clone()
+    for graph in graphs_of(trial):
+        _inline_ifs(graph)
+    if not strictly_valid(trial) and strictly_valid(model):
+        return False
+    return any([_inline_ifs(graph) for graph in graphs_of(model)])
+
+
+def _constant_if(node: ir.Node) -> bool:
+    if not is_standard(node, "If"):
+        return False
+    cond = constant(node.inputs[0])
+    return cond is not None and cond.size == 1
+
+
+def _inline_ifs(graph: ir.Graph) -> bool:
     changed = False
     for node in list(graph):
-        if not is_standard(node, "If"):
-            continue
-        cond = constant(node.inputs[0])
-        if cond is None or cond.size != 1:
-            continue
-        branch = node.attributes["then_branch" if bool(cond.ravel()[0]) else "else_branch"].as_graph()
-        inline_branch(graph, node, branch)
-        changed = True
+        if node.graph is graph and _constant_if(node):
+            cond = bool(constant(node.inputs[0]).ravel()[0])
+            inline_branch(graph, node, node.attributes["then_branch" if cond else "else_branch"].as_graph())
+            changed = True
     return changed
 
 
 def inline_branch(graph: ir.Graph, node: ir.Node, branch: ir.Graph) -> None:
     """Move the branch's nodes and initializers before the If node and route its outputs out."""
+    results = list(branch.outputs)
+    branch.outputs.clear()  # an initializer that is also a branch output cannot leave the branch
     for value in list(branch.initializers.values()):
         branch.initializers.pop(value.name)
+        while value.name in graph.initializers:
+            value.name = f"{value.name}_inlined"
         graph.register_initializer(value)
     branch_nodes = list(branch)
     branch.remove(branch_nodes)
     graph.insert_before(node, branch_nodes)
-    results = list(branch.outputs)
-    branch.outputs.clear()
     for old, new in zip(node.outputs, results):
         replace_value(old, new)
     graph.remove(node, safe=True)

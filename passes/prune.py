@@ -10,7 +10,7 @@ import onnx_ir.passes.common as common
 
 from onnxopt.passbase import OptPass
 
-from ._common import constant, graphs_of, infer_shapes, is_standard, lift_constants, rank, remove_unused, replace_value
+from ._common import can_take_name, constant, graphs_of, infer_shapes, is_standard, lift_constants, rank, remove_unused, replace_value
 
 BIG = 2**31 - 1  # "to the end" in exporters' Slice ends; anything at least this large clamps
 
@@ -23,7 +23,6 @@ class Prune(OptPass):
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         modified = lift_constants(model)
         infer_shapes(model)
-        modified |= common.IdentityEliminationPass()(model).modified
         while sweep(model):
             modified = True
         for cleanup in (
@@ -112,6 +111,15 @@ def dims(value: ir.Value) -> list[int | None] | None:
 
 
 # -- no-op rules: each returns the input that the node passes through unchanged ----------------
+
+
+def identity(node: ir.Node):
+    # onnx-ir's IdentityEliminationPass renames a value that is already a graph output (an Identity
+    # between two outputs of a Scan body), so this rule stands in for it.
+    x, y = node.inputs[0], node.outputs[0]
+    if y.is_graph_output() and not can_take_name(x, y.graph):
+        return None
+    return x
 
 
 def dropout(node: ir.Node):
@@ -321,6 +329,7 @@ def cast_chain(node: ir.Node):
 
 Rule = Callable[[ir.Node], "ir.Value | bool | None"]
 RULES: dict[str, tuple[Rule, ...]] = {
+    "Identity": (identity,),
     "Dropout": (dropout,),
     "Cast": (cast, cast_chain),
     "CastLike": (cast_like,),
