@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 from pathlib import Path
@@ -158,6 +159,7 @@ def zoo_fetch(name, force):
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point: user mistakes become one line on stderr and exit 2; failed checks exit 1."""
+    logging.getLogger("onnx_ir").setLevel(logging.ERROR)  # its notes on skipped rewrites are not the user's concern
     try:
         cli.main(args=argv, prog_name="onnxopt", standalone_mode=False)
     except click.exceptions.Exit as e:

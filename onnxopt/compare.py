@@ -8,7 +8,7 @@ import os
 import numpy as np
 
 from onnxopt import runtime
-from onnxopt.errors import CheckFailed
+from onnxopt.errors import CheckFailed, OnnxoptError, UsageError
 
 
 @dataclasses.dataclass
@@ -53,8 +53,16 @@ def run_model(model: str | os.PathLike | bytes, feeds: dict[str, np.ndarray]) ->
 
 
 def compare_models(reference, candidate, feeds, *, atol: float = 1e-4, rtol: float = 1e-3) -> list[OutputComparison]:
-    ref = run_model(reference, feeds)
-    got = run_model(candidate, feeds)
+    try:
+        ref = run_model(reference, feeds)
+    except OnnxoptError:
+        raise
+    except Exception as e:
+        raise UsageError(f"the reference model does not run in onnxruntime, so it cannot be checked ({_line(e)}); use --no-check") from None
+    try:
+        got = run_model(candidate, feeds)
+    except Exception as e:
+        raise CheckFailed(f"the optimized model does not run in onnxruntime ({_line(e)})") from None
     results = []
     for name, value in ref.items():
         if name not in got:
@@ -62,6 +70,10 @@ def compare_models(reference, candidate, feeds, *, atol: float = 1e-4, rtol: flo
         else:
             results.append(compare_arrays(name, value, got[name], atol, rtol))
     return results
+
+
+def _line(e: Exception) -> str:
+    return " ".join(str(e).split())[:300]
 
 
 def require_equivalent(results: list[OutputComparison], what: str) -> None:
