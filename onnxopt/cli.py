@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import sys
 from pathlib import Path
 
 import click
 
-from onnxopt import compare, inputs, io, pipeline, report
-from onnxopt.errors import OnnxoptError, UsageError
+from onnxopt import bench, compare, gate, inputs, io, pipeline, policy, progress, report, runtime, validate
+from onnxopt.errors import CheckFailed, OnnxoptError, UsageError
 from onnxopt.inspection import describe
 from onnxopt.passbase import get_pass, parse_pass_list, registry
 
@@ -35,16 +34,20 @@ def cli():
 @click.option("--atol", type=float, default=1e-4, show_default=True, help="Absolute tolerance of the check.")
 @click.option("--rtol", type=float, default=1e-3, show_default=True, help="Relative tolerance of the check.")
 @click.option("--external-data", is_flag=True, help="Store tensors in <output>.data beside the model (automatic above 2 GB).")
-def run_cmd(model, pass_spec, output, report_path, shapes, no_check, atol, rtol, external_data):
+@click.option("--gate", "gate_path", type=click.Path(path_type=Path), help="Gate the output with this policy; keep it only if every goal passes.")
+@click.option("--keep-failed", is_flag=True, help="With --gate: write the output even when the gate fails (still exit 1).")
+def run_cmd(model, pass_spec, output, report_path, shapes, no_check, atol, rtol, external_data, gate_path, keep_failed):
     """Optimize MODEL with the given passes, check it, and write it."""
     passes = parse_pass_list(pass_spec)
     shape_map = inputs.parse_shapes(shapes)
+    gate_policy = policy.load(gate_path) if gate_path else None
     output = output or model.with_name(f"{model.name.removesuffix('.onnx')}.opt.onnx")
     graph = io.load(model)
     io.check_output_path(output, model)
     out = report.console()
-    with _progress(out, len(passes)) as advance:
-        graph, run_report = pipeline.run(graph, passes, on_pass=advance)
+    with progress.bar(out, "optimizing") as advance:
+        graph, run_report = pipeline.run(graph, passes, on_pass=lambda p: advance(0, f"pass {p!r}"))
+    gate_failed = None
     with io.staged_save(graph, output, external_data=external_data or None) as staged:
         size_before, size_after = io.file_size(model), io.file_size(staged)
         for table in report.run_tables(run_report, size_before, size_after):
@@ -53,46 +56,196 @@ def run_cmd(model, pass_spec, output, report_path, shapes, no_check, atol, rtol,
         if not no_check:
             feeds, notices = inputs.generate(graph, shape_map)
             for notice in notices:
-                out.print(f"note: {notice}")
+                out.print(f"note: {notice}", markup=False)
             results = compare.compare_models(model, staged, feeds, atol=atol, rtol=rtol)
             out.print(report.comparison_table(results, f"check (atol {atol:g}, rtol {rtol:g})"))
             if all(p.exact for p in passes):
                 compare.require_equivalent(results, f"{model}: the passes were meant to be exact")
+        gated = None
+        if gate_policy:
+            gated = _gate(out, gate_policy, model, staged, quiet=False)
+            gated.candidate = str(output)
+            if not gated.passed:
+                gate_failed = _gate_failure(gated)
+                if not keep_failed:
+                    raise gate_failed
         if report_path:
-            _write_json(report_path, {
+            io.write_text(report_path, json.dumps({
                 "input": str(model), "output": str(output), "passes": [repr(p) for p in passes],
                 "size_before": size_before, "size_after": size_after,
                 **run_report.to_dict(), "check": [r.__dict__ for r in results],
-            })
+                **({"gate": gated.to_dict()} if gated else {}),
+            }, indent=1, default=str))
     out.print(f"wrote {output}")
+    if gate_failed:
+        raise gate_failed
 
 
-class _progress:
-    """A progress bar over passes when stdout is a terminal; nothing otherwise."""
-
-    def __init__(self, console, total: int):
-        self.console, self.total, self.bar = console, total, None
-
-    def __enter__(self):
-        if not self.console.is_terminal:
-            return lambda p: None
-        from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
-
-        self.bar = Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
-                            console=self.console, transient=True)
-        self.bar.start()
-        task = self.bar.add_task("optimizing", total=None)
-        return lambda p: self.bar.update(task, description=f"pass {p!r}")
-
-    def __exit__(self, *exc):
-        if self.bar:
-            self.bar.stop()
+# Options shared by validate, bench and check's inputs.
+def _input_options(f):
+    for decorator in reversed([
+        click.option("--inputs", "data", type=click.Path(path_type=Path), help="Real inputs: an .npz (arrays named after the inputs, first axis = samples) or a folder of them."),
+        click.option("--shape", "shapes", multiple=True, metavar="NAME=DIMS", help="Shape of a generated input, e.g. images=1,3,640,640."),
+        click.option("--range", "ranges", multiple=True, metavar="[NAME=]LO,HI", help="Value range of generated inputs (integers inclusive)."),
+        click.option("--batch", type=click.IntRange(min=1), help="Samples per run: the batch dim of generated inputs, rows of --inputs per run."),
+        click.option("--seed", type=int, default=0, show_default=True, help="Seed of generated inputs."),
+    ]):
+        f = decorator(f)
+    return f
 
 
-def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=1, default=str))
-    os.replace(tmp, path)
+def _input_spec(data, shapes, ranges, batch, seed, samples=None) -> inputs.InputSpec:
+    return inputs.InputSpec(data, inputs.parse_shapes(shapes), inputs.parse_ranges(ranges), batch, samples, seed)
+
+
+def _per_output(option: str, values: tuple[str, ...], kind: type = float) -> dict:
+    """``('1e-3', 'logits:1e-2')`` → ``{'': 0.001, 'logits': 0.01}``."""
+    table = {}
+    for item in values:
+        name, _, value = item.rpartition(":")
+        try:
+            table[name] = kind(value)
+        except ValueError:
+            raise UsageError(f"bad {option} {item!r}: expected VALUE or OUTPUT:VALUE") from None
+    return table
+
+
+def _mean_pools(values: tuple[str, ...]) -> dict[str, str]:
+    pools = {}
+    for item in values:
+        output, sep, mask = item.partition(":")
+        if not sep or not output or not mask:
+            raise UsageError(f"bad --mean-pool {item!r}: expected OUTPUT:MASK_INPUT, e.g. last_hidden_state:attention_mask")
+        pools[output] = mask
+    return pools
+
+
+@cli.command("validate")
+@click.argument("reference", type=click.Path(path_type=Path))
+@click.argument("candidate", type=click.Path(path_type=Path))
+@_input_options
+@click.option("--samples", type=click.IntRange(min=1), help="At most this many samples (generated: this many runs) [default: all of --inputs, 1 generated].")
+@click.option("--atol", multiple=True, metavar="[OUTPUT:]VALUE", help="Absolute tolerance, for every output or one [default 1e-4 unless a --min-* bound is given].")
+@click.option("--rtol", multiple=True, metavar="[OUTPUT:]VALUE", help="Relative tolerance: |got - ref| <= atol + rtol * |ref| [default 1e-3].")
+@click.option("--min-cosine", multiple=True, metavar="[OUTPUT:]VALUE", help="Fail below this cosine similarity (mean over samples).")
+@click.option("--min-snr", multiple=True, metavar="[OUTPUT:]DB", help="Fail below this signal-to-noise ratio in dB.")
+@click.option("--min-top1", multiple=True, metavar="[OUTPUT:]VALUE", help="Fail below this top-1 agreement (class-score outputs).")
+@click.option("--topk", multiple=True, metavar="[OUTPUT:]K", help="Top-k agreement over the last axis (automatic, k=5, for [batch, classes] outputs).")
+@click.option("--mean-pool", "mean_pool", multiple=True, metavar="OUTPUT:MASK", help="Compare OUTPUT averaged over axis 1 where the MASK input is 1 (sentence embeddings).")
+@click.option("--ep", default="cpu", show_default=True, help="Execution provider for both models: cpu or cuda.")
+@click.option("--threads", type=click.IntRange(min=0), default=0, help="Intra-op threads (0: onnxruntime's choice).")
+@click.option("--json", "json_path", type=click.Path(path_type=Path), help="Write the results as JSON.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+def validate_cmd(reference, candidate, data, shapes, ranges, batch, seed, samples, atol, rtol, min_cosine, min_snr,
+                 min_top1, topk, mean_pool, ep, threads, json_path, quiet):
+    """Compare CANDIDATE's outputs with REFERENCE's on the same inputs; exit 1 if a bound fails."""
+    spec = _input_spec(data, shapes, ranges, batch, seed, samples)
+    settings = compare.Settings(
+        atol={"": 1e-4, **_per_output("--atol", atol)}, rtol={"": 1e-3, **_per_output("--rtol", rtol)},
+        topk={"": 5, **_per_output("--topk", topk, int)}, mean_pool=_mean_pools(mean_pool),
+    )
+    tables = {k: _per_output(f"--{k.replace('_', '-')}", v) for k, v in
+              (("min_cosine", min_cosine), ("min_snr", min_snr), ("min_top1", min_top1))}
+    names = set().union(*tables.values())
+    bounds = {n: validate.Bounds(**{k: t.get(n) for k, t in tables.items()}) for n in names}
+    tolerance = bool(atol or rtol or not names)
+    ep = runtime.parse_eps(ep)
+    if len(ep) != 1:
+        raise UsageError("validate runs on one execution provider: --ep cpu or --ep cuda")
+    out = report.console()
+    model = io.load(reference)
+    with progress.bar(out, "validating", spec.count(model), quiet=quiet) as advance:
+        result = validate.validate(reference, candidate, spec, settings, bounds, tolerance=tolerance, ep=ep[0],
+                                   threads=threads, on_batch=advance)
+    for notice in result.notices:
+        out.print(f"note: {notice}", markup=False)
+    out.print(report.validation_table(result, f"{candidate} against {reference} ({result.samples} samples, {ep[0]})"))
+    out.print(report.verdict_table(result.verdicts))
+    if not result.passed:
+        for r in result.results:
+            if any(not v.passed for v in result.verdicts if v.output == r.name) and r.histogram:
+                out.print(report.error_histogram(r))
+    if json_path:
+        io.write_text(json_path, json.dumps({
+            "reference": str(reference), "candidate": str(candidate), "passed": result.passed,
+            "samples": result.samples, "notices": result.notices,
+            "outputs": [r.__dict__ for r in result.results], "verdicts": [v.__dict__ for v in result.verdicts],
+        }, indent=1, default=str))
+    if not result.passed:
+        failed = sorted({f"{v.output} {v.metric}" for v in result.verdicts if not v.passed})
+        raise CheckFailed(f"validation failed: {', '.join(failed)}")
+    out.print("validation passed")
+
+
+@cli.command("bench")
+@click.argument("models", nargs=-1, required=True, type=click.Path(path_type=Path))
+@_input_options
+@click.option("--ep", "eps", default="cpu", show_default=True, help="Execution providers, comma-separated: cpu, cuda.")
+@click.option("--iters", type=click.IntRange(min=1), help="Timed runs per model and provider [default: 100].")
+@click.option("--seconds", type=click.FloatRange(min=0), help="Time each provider's rounds for this long instead of --iters.")
+@click.option("--warmup", type=click.IntRange(min=0), default=5, show_default=True, help="Untimed runs per model first.")
+@click.option("--threads", type=click.IntRange(min=0), default=0, help="Intra-op threads (0: onnxruntime's choice).")
+@click.option("--speedup-by", type=click.Choice(bench.STATS), default="p50", show_default=True, help="The statistic speedups are computed on.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON for machines instead of the table.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+def bench_cmd(models, data, shapes, ranges, batch, seed, eps, iters, seconds, warmup, threads, speedup_by, as_json, quiet):
+    """Time MODELS side by side on the same inputs; speedups are relative to the first."""
+    if iters and seconds is not None:
+        raise UsageError("give --iters or --seconds, not both")
+    eps = runtime.parse_eps(eps)
+    for ep in eps:
+        runtime.require(ep)
+    spec = _input_spec(data, shapes, ranges, batch, seed)
+    first = io.load(models[0])
+    for path in models[1:]:
+        io.load(path)
+    notices: list[str] = []
+    feeds = inputs.first_batch(spec, first, notices)
+    settings = bench.Settings(iters=iters, seconds=seconds, warmup=warmup, threads=threads, speedup_stat=speedup_by)
+    out = report.console()
+    if not as_json:
+        for notice in notices:
+            out.print(f"note: {notice}", markup=False)
+    total = None if seconds is not None else (iters or 100) * len(eps)
+    with progress.bar(out, "timing", total, quiet=quiet or as_json) as advance:
+        timings = bench.bench(models, feeds, eps, settings, lambda n, ep: advance(n, f"timing on {ep}"))
+    if as_json:
+        click.echo(json.dumps({"notices": notices, "peak_rss_mb": round(bench.peak_rss_mb(), 1),
+                               "speedup_by": speedup_by, "results": [t.to_dict() for t in timings]}, indent=1))
+        return
+    out.print(report.bench_table(timings, f"latency (ms), speedup by {speedup_by}; peak RSS {bench.peak_rss_mb():.0f} MB"))
+
+
+@cli.command("check")
+@click.argument("reference", type=click.Path(path_type=Path))
+@click.argument("candidate", type=click.Path(path_type=Path))
+@click.option("--policy", "policy_path", required=True, type=click.Path(path_type=Path), help="The gate policy (TOML).")
+@click.option("--json", "json_path", type=click.Path(path_type=Path), help="Write the results as JSON.")
+@click.option("--markdown", "markdown_path", type=click.Path(path_type=Path), help="Write a Markdown summary (for a pull-request comment).")
+@click.option("--junit", "junit_path", type=click.Path(path_type=Path), help="Write JUnit XML, one testcase per goal.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+def check_cmd(reference, candidate, policy_path, json_path, markdown_path, junit_path, quiet):
+    """Gate CANDIDATE against REFERENCE with a policy; exit 0 when every goal passes, 1 otherwise."""
+    gate_policy = policy.load(policy_path)
+    io.load(reference)
+    io.load(candidate)
+    result = _gate(report.console(), gate_policy, reference, candidate, quiet)
+    gate.write_reports(result, json_path=json_path, markdown_path=markdown_path, junit_path=junit_path)
+    if not result.passed:
+        raise _gate_failure(result)
+
+
+def _gate(out, gate_policy, reference, candidate, quiet: bool) -> gate.GateResult:
+    with progress.bar(out, "gating", quiet=quiet) as advance:
+        result = gate.evaluate(gate_policy, reference, candidate, lambda n, what: advance(n, what))
+    for notice in result.notices:
+        out.print(f"note: {notice}", markup=False)
+    out.print(report.gate_table(result))
+    return result
+
+
+def _gate_failure(result: gate.GateResult) -> CheckFailed:
+    return CheckFailed(f"gate failed: {', '.join(g.name for g in result.failed)}")
 
 
 @cli.command("passes")

@@ -109,6 +109,17 @@ def save(model: ir.Model, path: str | os.PathLike, *, external_data: bool | None
     return Path(path)
 
 
+def write_text(path: str | os.PathLike, text: str) -> None:
+    """Write a report atomically: a temporary file beside ``path``, then a rename."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        tmp.write_text(text)
+    except OSError as e:
+        raise UsageError(f"{path}: cannot write ({e.strerror or e})") from None
+    os.replace(tmp, path)
+
+
 def file_size(path: str | os.PathLike) -> int:
     """Size on disk, counting the external data files beside the model."""
     return Path(path).stat().st_size + sum(p.stat().st_size for p in external_files(path))

@@ -2,11 +2,21 @@
 
 from __future__ import annotations
 
+import math
+import sys
+from typing import TYPE_CHECKING
+
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from onnxopt.compare import OutputComparison
 from onnxopt.pipeline import RunReport
+
+if TYPE_CHECKING:
+    from onnxopt.bench import Timing
+    from onnxopt.gate import GateResult
+    from onnxopt.validate import Validation, Verdict
 
 
 def human_bytes(n: float) -> str:
@@ -80,5 +90,71 @@ def comparison_table(results: list[OutputComparison], title: str) -> Table:
     return table
 
 
+def _table(title: str, columns: list[str], left: tuple[str, ...] = ()) -> Table:
+    table = Table(title=escape(title), title_justify="left")
+    for col in columns:
+        table.add_column(col, justify="left" if col in left else "right")
+    return table
+
+
+def _add(table: Table, *cells: str) -> None:
+    """A row of plain text: names such as 'logits[0]' are not rich markup."""
+    table.add_row(*(escape(c) for c in cells))
+
+
+def _opt(value: float | None, fmt: str = ".4f") -> str:
+    return "-" if value is None else format(value, fmt)
+
+
+def validation_table(result: Validation, title: str) -> Table:
+    table = _table(title, ["output", "max abs", "mean abs", "p99 abs", "max rel", "cosine", "cos min", "SNR dB",
+                           "top1", "topk"], left=("output",))
+    for r in result.results:
+        if r.detail:
+            _add(table, r.name, *["-"] * 8, r.detail)
+            continue
+        topk = f"{r.topk:.4f} (k={r.k})" if r.topk is not None else "-"
+        snr = "inf" if math.isinf(r.snr_db) else f"{r.snr_db:.1f}"
+        _add(table, r.name, f"{r.max_abs:.3g}", f"{r.mean_abs:.3g}", f"{r.p99_abs:.3g}", f"{r.max_rel:.3g}",
+                      f"{r.cosine:.6f}", f"{r.cosine_min:.6f}", snr, _opt(r.top1), topk)
+    return table
+
+
+def verdict_table(verdicts: list[Verdict]) -> Table:
+    table = _table("checks", ["output", "check", "target", "measured", "result"], left=("output", "check", "result"))
+    for v in verdicts:
+        _add(table, v.output, v.metric, v.target, v.measured, "ok" if v.passed else "FAIL")
+    return table
+
+
+def error_histogram(r: OutputComparison, width: int = 40) -> str:
+    """Absolute errors of one output by decade, as text bars."""
+    top = max(n for _, _, n in r.histogram)
+    lines = [f"absolute errors of {r.name}:"]
+    for lo, hi, n in r.histogram:
+        label = "0" if hi == 0 else f"[{lo:.0e}, {hi:.0e})"
+        lines.append(f"  {label:>16} {'#' * max(1, round(width * n / top)):<{width}} {n}")
+    return "\n".join(lines)
+
+
+def bench_table(timings: list[Timing], title: str) -> Table:
+    table = _table(title, ["model", "ep", "batch", "mean", "std", "p50", "p90", "p99", "samples/s", "speedup",
+                           "session s", "first run ms", "size", "RSS MB"], left=("model", "ep"))
+    for t in timings:
+        _add(table, t.model, t.ep, str(t.batch), *(f"{t.stat(s):.3f}" for s in ("mean", "std", "p50", "p90", "p99")),
+                      f"{t.throughput:.1f}", f"{t.speedup:.3f}x", f"{t.session_s:.3f}", f"{t.first_run_ms:.2f}",
+                      human_bytes(t.size_bytes), _opt(t.rss_mb, ".0f"))
+    return table
+
+
+def gate_table(result: GateResult) -> Table:
+    verdict = "passed" if result.passed else f"FAILED {len(result.failed)} of {len(result.goals)}"
+    table = _table(f"gate: {verdict}", ["goal", "target", "measured", "result"], left=("goal", "measured", "result"))
+    for g in result.goals:
+        _add(table, g.name, g.target, g.measured, "ok" if g.passed else "FAIL")
+    return table
+
+
 def console() -> Console:
-    return Console(highlight=False, soft_wrap=True)
+    """Rich on a terminal; wide plain text otherwise, so that logs keep whole table cells."""
+    return Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 240)
