@@ -142,7 +142,7 @@ def validate_cmd(reference, candidate, data, shapes, ranges, batch, seed, sample
     spec = _input_spec(data, shapes, ranges, batch, seed, samples)
     settings = compare.Settings(
         atol={"": 1e-4, **_per_output("--atol", atol)}, rtol={"": 1e-3, **_per_output("--rtol", rtol)},
-        topk={"": 5, **_per_output("--topk", topk, int)}, mean_pool=_mean_pools(mean_pool),
+        topk=_per_output("--topk", topk, int), mean_pool=_mean_pools(mean_pool),
     )
     tables = {k: _per_output(f"--{k.replace('_', '-')}", v) for k, v in
               (("min_cosine", min_cosine), ("min_snr", min_snr), ("min_top1", min_top1))}

@@ -72,7 +72,7 @@ class Accumulator:
             same = a == b  # equal infinities have an undefined difference but are equal
             diff = np.where(same, 0.0, np.abs(a - b))
             rel = diff / np.maximum(np.abs(a), np.finfo(np.float64).tiny)
-            self.within &= bool(np.all(diff <= self.atol + self.rtol * np.abs(a)))
+            self.within &= bool(np.all(same | (diff <= self.atol + self.rtol * np.abs(a))))
             self.signal += float(np.sum(np.where(np.isfinite(a), a * a, 0.0)))
             self.noise += float(np.sum(diff * diff))
         if diff.size:
@@ -131,11 +131,11 @@ def _rows(a: np.ndarray) -> np.ndarray:
 
 
 def _cosines(a: np.ndarray, b: np.ndarray) -> list[float]:
+    same = np.all(a == b, axis=1)
     with np.errstate(invalid="ignore", over="ignore"):
         norms = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
         dots = np.sum(a * b, axis=1)
-    same = np.all(a == b, axis=1)
-    cos = np.where(norms > 0, dots / np.where(norms > 0, norms, 1.0), same.astype(np.float64))
+        cos = np.where(norms > 0, dots / np.where(norms > 0, norms, 1.0), same.astype(np.float64))
     return np.where(np.isfinite(cos), cos, same.astype(np.float64)).tolist()
 
 
@@ -188,7 +188,9 @@ def run_session(sess, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 @dataclasses.dataclass
 class Settings:
-    """How outputs are compared: tolerances and top-k per output ('' is every output), post-processing."""
+    """How outputs are compared, per output ('' is every output): tolerances; top-k agreement (k=5 by
+    default, automatic on [batch, classes] outputs, forced on others named in ``topk``); ``mean_pool``
+    maps an output to the mask input it is averaged with before comparison."""
 
     atol: dict[str, float] = dataclasses.field(default_factory=lambda: {"": 1e-4})
     rtol: dict[str, float] = dataclasses.field(default_factory=lambda: {"": 1e-3})
@@ -196,7 +198,7 @@ class Settings:
     mean_pool: dict[str, str] = dataclasses.field(default_factory=dict)
 
     def accumulator(self, name: str, ref: np.ndarray) -> Accumulator:
-        k = self.topk.get(name, self.topk.get(""))
+        k = self.topk.get(name, self.topk.get("", 5))
         if name not in self.topk and (name in self.mean_pool or not _looks_like_scores(ref)):
             k = None
         return Accumulator(name, _lookup(self.atol, name), _lookup(self.rtol, name), k)

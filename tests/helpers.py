@@ -48,3 +48,25 @@ def optimize(proto: onnx.ModelProto, passes, feeds: dict, *, atol=1e-6, rtol=1e-
         assert got[name].dtype == expected[name].dtype, name
         np.testing.assert_allclose(got[name], expected[name], atol=atol, rtol=rtol)
     return model, report
+
+
+def classifier(path, *, noise: float = 0.0, classes: int = 10, seed: int = 0):
+    """A saved [batch, 8] → [batch, classes] linear classifier; ``noise`` perturbs its weights."""
+    rng = np.random.default_rng(seed)
+    weight = rng.standard_normal((8, classes)).astype(np.float32)
+    weight += noise * np.random.default_rng(seed + 1).standard_normal(weight.shape).astype(np.float32)
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["logits"])]
+    model = make_model(nodes, [("x", F, ["batch", 8])], [("logits", F, ["batch", classes])], {"w": weight})
+    onnx.save(model, str(path))
+    return path
+
+
+def cli(*args) -> int:
+    """Run the onnxopt command line in this process; returns its exit code."""
+    from onnxopt.cli import main
+
+    try:
+        main([str(a) for a in args])
+    except SystemExit as e:
+        return e.code
+    raise AssertionError("main() returned without exiting")
