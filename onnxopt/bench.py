@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from onnxopt import io, runtime
-from onnxopt.errors import CheckFailed, OnnxoptError
+from onnxopt.errors import CheckFailed, OnnxoptError, one_line
 
 PERCENTILES = ("p50", "p90", "p99")
 STATS = ("mean", *PERCENTILES)
@@ -84,19 +84,19 @@ class _Runner:
         except OnnxoptError:
             raise
         except Exception as e:
-            raise CheckFailed(f"{path}: does not load in onnxruntime on {ep} ({' '.join(str(e).split())[:300]})") from None
+            raise CheckFailed(f"{path}: does not load in onnxruntime on {ep} ({one_line(e)})") from None
         self.session_s = time.perf_counter() - t
         wanted = {i.name for i in self.session.get_inputs()}
         missing = wanted - set(feeds)
         if missing:
             raise CheckFailed(f"{path}: needs inputs the first model does not have: {', '.join(sorted(missing))}")
         feeds = {k: v for k, v in feeds.items() if k in wanted}
-        self.run = self._bind_cuda(feeds) if ep == "cuda" else self._plain(feeds)
+        self.run = self._bound(feeds, "cuda") if ep == "cuda" else self._plain(feeds)
         t = time.perf_counter()
         try:
             self.run()
         except Exception as e:
-            raise CheckFailed(f"{path}: fails to run on {ep} ({' '.join(str(e).split())[:300]})") from None
+            raise CheckFailed(f"{path}: fails to run on {ep} ({one_line(e)})") from None
         self.first_run_ms = (time.perf_counter() - t) * 1e3
         after = current_rss_mb()
         self.rss_mb = None if rss is None or after is None else after - rss
@@ -105,14 +105,15 @@ class _Runner:
         names = [o.name for o in self.session.get_outputs()]
         return lambda: self.session.run(names, feeds)
 
-    def _bind_cuda(self, feeds) -> Callable[[], None]:
+    def _bound(self, feeds, device: str) -> Callable[[], None]:
+        """Inputs copied to ``device`` once, outputs left there, each run synchronised."""
         rt = runtime.ort()
-        binding = self.session.io_binding()
-        self._device_inputs = {k: rt.OrtValue.ortvalue_from_numpy(v, "cuda", 0) for k, v in feeds.items()}
+        binding = self.binding = self.session.io_binding()
+        self._device_inputs = {k: rt.OrtValue.ortvalue_from_numpy(v, device, 0) for k, v in feeds.items()}
         for name, value in self._device_inputs.items():
             binding.bind_ortvalue_input(name, value)
         for out in self.session.get_outputs():
-            binding.bind_output(out.name, "cuda", 0)
+            binding.bind_output(out.name, device, 0)
 
         def run():
             self.session.run_with_iobinding(binding)

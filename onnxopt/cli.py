@@ -153,8 +153,7 @@ def validate_cmd(reference, candidate, data, shapes, ranges, batch, seed, sample
     if len(ep) != 1:
         raise UsageError("validate runs on one execution provider: --ep cpu or --ep cuda")
     out = report.console()
-    model = io.load(reference)
-    with progress.bar(out, "validating", spec.count(model), quiet=quiet) as advance:
+    with progress.bar(out, "validating", quiet=quiet) as advance:
         result = validate.validate(reference, candidate, spec, settings, bounds, tolerance=tolerance, ep=ep[0],
                                    threads=threads, on_batch=advance)
     for notice in result.notices:
@@ -227,8 +226,6 @@ def bench_cmd(models, data, shapes, ranges, batch, seed, eps, iters, seconds, wa
 def check_cmd(reference, candidate, policy_path, json_path, markdown_path, junit_path, quiet):
     """Gate CANDIDATE against REFERENCE with a policy; exit 0 when every goal passes, 1 otherwise."""
     gate_policy = policy.load(policy_path)
-    io.load(reference)
-    io.load(candidate)
     result = _gate(report.console(), gate_policy, reference, candidate, quiet)
     gate.write_reports(result, json_path=json_path, markdown_path=markdown_path, junit_path=junit_path)
     if not result.passed:
@@ -237,7 +234,7 @@ def check_cmd(reference, candidate, policy_path, json_path, markdown_path, junit
 
 def _gate(out, gate_policy, reference, candidate, quiet: bool) -> gate.GateResult:
     with progress.bar(out, "gating", quiet=quiet) as advance:
-        result = gate.evaluate(gate_policy, reference, candidate, lambda n, what: advance(n, what))
+        result = gate.evaluate(gate_policy, reference, candidate, advance)
     for notice in result.notices:
         out.print(f"note: {notice}", markup=False)
     out.print(report.gate_table(result))

@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterable
 import numpy as np
 
 from onnxopt import runtime
-from onnxopt.errors import CheckFailed, OnnxoptError, UsageError
+from onnxopt.errors import CheckFailed, OnnxoptError, UsageError, one_line
 
 # Absolute errors are counted in log-spaced bins: 40 a decade from 1e-12 to 1e6 (p99 within 6%).
 _EDGES = np.concatenate([[0.0], np.logspace(-12, 6, 18 * 40 + 1), [np.inf]])
@@ -197,19 +197,18 @@ class Settings:
     topk: dict[str, int] = dataclasses.field(default_factory=dict)
     mean_pool: dict[str, str] = dataclasses.field(default_factory=dict)
 
+    def tolerances(self, name: str) -> tuple[float, float]:
+        return self.atol.get(name, self.atol.get("", 0.0)), self.rtol.get(name, self.rtol.get("", 0.0))
+
     def accumulator(self, name: str, ref: np.ndarray) -> Accumulator:
         k = self.topk.get(name, self.topk.get("", 5))
         if name not in self.topk and (name in self.mean_pool or not _looks_like_scores(ref)):
             k = None
-        return Accumulator(name, _lookup(self.atol, name), _lookup(self.rtol, name), k)
+        return Accumulator(name, *self.tolerances(name), k)
 
     def prepare(self, name: str, value: np.ndarray, feeds: dict[str, np.ndarray]) -> np.ndarray:
         mask_name = self.mean_pool.get(name)
         return value if mask_name is None else masked_mean(value, feeds[mask_name])
-
-
-def _lookup(table: dict[str, float], name: str) -> float:
-    return table.get(name, table.get("", 0.0))
 
 
 def _looks_like_scores(ref: np.ndarray) -> bool:
@@ -251,7 +250,7 @@ def _run(sess, feeds, error: type[OnnxoptError], what: str) -> dict[str, np.ndar
     try:
         return run_session(sess, feeds)
     except Exception as e:
-        raise error(f"{what} does not run in onnxruntime on these inputs ({_line(e)})") from None
+        raise error(f"{what} does not run in onnxruntime on these inputs ({oneone_line(e)})") from None
 
 
 def compare_models(reference, candidate, feeds, *, atol: float = 1e-4, rtol: float = 1e-3) -> list[OutputComparison]:
@@ -261,19 +260,15 @@ def compare_models(reference, candidate, feeds, *, atol: float = 1e-4, rtol: flo
     except OnnxoptError:
         raise
     except Exception as e:
-        raise UsageError(f"the reference model does not run in onnxruntime, so it cannot be checked ({_line(e)}); use --no-check") from None
+        raise UsageError(f"the reference model does not run in onnxruntime, so it cannot be checked ({oneone_line(e)}); use --no-check") from None
     try:
         cand_sess = runtime.session(candidate)
     except Exception as e:
-        raise CheckFailed(f"the optimized model does not run in onnxruntime ({_line(e)})") from None
+        raise CheckFailed(f"the optimized model does not run in onnxruntime ({oneone_line(e)})") from None
     try:
         return compare_sessions(ref_sess, cand_sess, [feeds], Settings({"": atol}, {"": rtol}))
     except UsageError as e:
         raise UsageError(f"{e}; use --no-check") from None
-
-
-def _line(e: Exception) -> str:
-    return " ".join(str(e).split())[:300]
 
 
 def require_equivalent(results: list[OutputComparison], what: str) -> None:

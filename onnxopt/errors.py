@@ -11,6 +11,11 @@ class UsageError(OnnxoptError):
     exit_code = 2
 
 
+def one_line(e: BaseException, limit: int = 300) -> str:
+    """An exception's message on one line (onnxruntime's span several), cut to ``limit`` characters."""
+    return " ".join(str(e).split())[:limit]
+
+
 class CheckFailed(OnnxoptError):
     """A model failed a check or a gate (exit 1)."""
 

@@ -51,19 +51,24 @@ class GateResult:
 
 
 def evaluate(policy: Policy, reference: str | os.PathLike, candidate: str | os.PathLike,
-             on_progress: Callable[[float, str], None] | None = None) -> GateResult:
-    """Measure what the policy's goals need (accuracy, latency, size) and judge each goal."""
-    progress = on_progress or (lambda steps, what: None)
+             on_progress: Callable[..., None] | None = None) -> GateResult:
+    """Measure what the policy's goals need (accuracy, latency, size) and judge each goal.
+
+    ``on_progress(steps, what, total=None)`` follows the work: samples compared, then timed runs."""
+    progress = on_progress or (lambda steps, what, total=None: None)
     goals, notices, timings = [], [], []
+    model = io.load(reference)
+    io.load(candidate)
     if policy.has_accuracy:
         checked = validate.validate(reference, candidate, policy.inputs, policy.compare, policy.accuracy,
-                                    tolerance=False, threads=policy.bench.threads,
-                                    on_batch=lambda n: progress(n, "accuracy"))
+                                    tolerance=False, threads=policy.bench.threads, model=model,
+                                    on_batch=lambda n, total=None: progress(n, "accuracy", total))
         notices += checked.notices
         goals += [Goal(f"accuracy.{v.metric}[{v.output}]", v.target, v.measured, v.passed) for v in checked.verdicts]
     if policy.latency:
-        model = io.load(reference)
         feeds = inputs.first_batch(policy.inputs, model, notices)
+        runs = None if policy.bench.seconds is not None else (policy.bench.iters or 100) * len(policy.latency)
+        progress(0, "latency", runs)
         timings = bench.bench([reference, candidate], feeds, [g.ep for g in policy.latency], policy.bench,
                               lambda steps, ep: progress(steps, f"latency on {ep}"))
         goals += _latency_goals(policy, timings)

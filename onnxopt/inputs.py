@@ -52,7 +52,7 @@ def parse_ranges(specs: list[str] | tuple[str, ...]) -> dict[str, tuple[float, f
 
 @dataclasses.dataclass
 class InputSpec:
-    """Where a command's inputs come from; shared by validate, bench, check and run."""
+    """Where the inputs of validate, bench and check come from."""
 
     data: Path | None = None
     shapes: dict[str, list[int]] = dataclasses.field(default_factory=dict)

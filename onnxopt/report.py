@@ -86,7 +86,7 @@ def comparison_table(results: list[OutputComparison], title: str) -> Table:
     for col in ("output", "max abs", "max rel", "cosine", "result"):
         table.add_column(col, justify="left" if col in ("output", "result") else "right")
     for r in results:
-        table.add_row(r.name, f"{r.max_abs:.3g}", f"{r.max_rel:.3g}", f"{r.cosine:.6f}", ("ok" if r.passed else "FAIL") + (f" ({r.detail})" if r.detail else ""))
+        _add(table, r.name, f"{r.max_abs:.3g}", f"{r.max_rel:.3g}", f"{r.cosine:.6f}", ("ok" if r.passed else "FAIL") + (f" ({r.detail})" if r.detail else ""))
     return table
 
 

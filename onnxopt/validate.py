@@ -7,9 +7,11 @@ import math
 import os
 from collections.abc import Callable
 
+import onnx_ir as ir
+
 from onnxopt import compare, io, runtime
 from onnxopt.compare import OutputComparison, Settings
-from onnxopt.errors import CheckFailed, OnnxoptError, UsageError
+from onnxopt.errors import CheckFailed, OnnxoptError, UsageError, one_line
 from onnxopt.inputs import InputSpec
 
 
@@ -54,7 +56,7 @@ def judge(result: OutputComparison, bounds: Bounds, tolerance: bool, settings: S
     if result.detail:
         return [Verdict(result.name, "output", "comparable", result.detail, False)]
     if tolerance:
-        atol, rtol = compare._lookup(settings.atol, result.name), compare._lookup(settings.rtol, result.name)
+        atol, rtol = settings.tolerances(result.name)
         out.append(Verdict(result.name, "tolerance", f"atol {atol:g}, rtol {rtol:g}",
                            f"max abs {result.max_abs:.3g}, max rel {result.max_rel:.3g}", result.passed))
     for key, value in dataclasses.asdict(bounds).items():
@@ -92,16 +94,21 @@ def validate(
     tolerance: bool = True,
     ep: str = "cpu",
     threads: int = 0,
-    on_batch: Callable[[int], None] | None = None,
+    on_batch: Callable[..., None] | None = None,
+    model: ir.Model | None = None,
 ) -> Validation:
     """Run both models on the inputs of ``spec`` and judge every output.
 
     ``bounds`` maps output names ('' for every output) to metric bounds; ``tolerance`` adds the
     atol/rtol check of ``settings``. The candidate must keep the reference's output names.
+    ``on_batch(samples, total=None)`` is told the number of samples first, then each batch's.
+    ``model`` is the loaded reference, when the caller has it.
     """
     spec, settings, bounds = spec or InputSpec(), settings or Settings(), bounds or {}
-    model = io.load(reference)
+    model = model or io.load(reference)
     io.load(candidate)
+    if on_batch:
+        on_batch(0, total=spec.count(model))
     _check_names(model, settings, spec)
     ref_sess = _session(reference, ep, threads, UsageError, "the reference model")
     cand_sess = _session(candidate, ep, threads, CheckFailed, "the candidate model")
@@ -134,4 +141,4 @@ def _session(path, ep: str, threads: int, error: type[OnnxoptError], what: str):
     except OnnxoptError:
         raise
     except Exception as e:
-        raise error(f"{what} does not load in onnxruntime ({compare._line(e)})") from None
+        raise error(f"{what} does not load in onnxruntime ({one_line(e)})") from None

@@ -3,6 +3,8 @@
 import json
 
 import numpy as np
+import onnx
+import onnx.numpy_helper
 import onnxruntime
 import pytest
 from helpers import classifier, cli
@@ -95,3 +97,16 @@ def test_cuda_path(tmp_path, capsys):
     assert [t.ep for t in timings] == ["cpu", "cpu", "cuda", "cuda"]
     assert all(len(t.times_ms) == 20 for t in timings)
     assert cli("validate", a, b, "--ep", "cuda", "--shape", "x=16,8", "--min-cosine", "0.999") == 0
+
+
+def test_io_binding_runs_keep_data_on_the_device(tmp_path):
+    # The CUDA path binds device-resident inputs and outputs; the same code runs here on the CPU device.
+    a = classifier(tmp_path / "a.onnx")
+    x = np.random.default_rng(0).standard_normal((3, 8)).astype(np.float32)
+    runner = bench._Runner(a, "cpu", {"x": x}, threads=1)
+    run = runner._bound({"x": x}, "cpu")
+    for _ in range(2):
+        run()
+    [out] = runner.binding.copy_outputs_to_cpu()
+    weight = onnx.numpy_helper.to_array(onnx.load(str(a)).graph.initializer[0])
+    np.testing.assert_allclose(out, x @ weight, rtol=1e-5, atol=1e-5)

@@ -142,3 +142,16 @@ def test_run_with_a_gate_keeps_the_output_only_if_it_passes(tmp_path, capsys):
     assert out.is_file()
     shutil.copy(model, tmp_path / "copy.onnx")
     assert cli("run", model, "--gate", tmp_path / "nope.toml") == 2
+
+
+def test_the_example_policy_gates_the_demo_model(tmp_path, capsys):
+    from pathlib import Path
+
+    example = Path(__file__).parents[1] / "examples" / "ci" / "gate.toml"
+    parsed = policy.load(example)
+    assert parsed.latency[0].max_regression_pct == 5 and parsed.size.max_mb == 1
+    accuracy_only = tmp_path / "gate.toml"
+    accuracy_only.write_text(example.read_text().split("[latency.cpu]")[0])  # timing is too noisy for a test
+    demo = Path(__file__).parents[1] / "models" / "demo.onnx"
+    assert cli("run", demo, "-o", tmp_path / "demo.opt.onnx", "--gate", accuracy_only) == 0
+    assert (tmp_path / "demo.opt.onnx").is_file()
