@@ -250,7 +250,7 @@ def _run(sess, feeds, error: type[OnnxoptError], what: str) -> dict[str, np.ndar
     try:
         return run_session(sess, feeds)
     except Exception as e:
-        raise error(f"{what} does not run in onnxruntime on these inputs ({oneone_line(e)})") from None
+        raise error(f"{what} does not run in onnxruntime on these inputs ({one_line(e)})") from None
 
 
 def compare_models(reference, candidate, feeds, *, atol: float = 1e-4, rtol: float = 1e-3) -> list[OutputComparison]:
@@ -260,11 +260,11 @@ def compare_models(reference, candidate, feeds, *, atol: float = 1e-4, rtol: flo
     except OnnxoptError:
         raise
     except Exception as e:
-        raise UsageError(f"the reference model does not run in onnxruntime, so it cannot be checked ({oneone_line(e)}); use --no-check") from None
+        raise UsageError(f"the reference model does not run in onnxruntime, so it cannot be checked ({one_line(e)}); use --no-check") from None
     try:
         cand_sess = runtime.session(candidate)
     except Exception as e:
-        raise CheckFailed(f"the optimized model does not run in onnxruntime ({oneone_line(e)})") from None
+        raise CheckFailed(f"the optimized model does not run in onnxruntime ({one_line(e)})") from None
     try:
         return compare_sessions(ref_sess, cand_sess, [feeds], Settings({"": atol}, {"": rtol}))
     except UsageError as e:

@@ -1,7 +1,6 @@
 """Inputs for validate, bench and check: generated with shapes and ranges, or read from .npz files."""
 
 import numpy as np
-import onnx
 import onnx_ir as ir
 import pytest
 from helpers import F, make_model

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from helpers import classifier, cli
 
-from onnxopt.compare import Accumulator, Settings, masked_mean
+from onnxopt.compare import Accumulator, masked_mean
 from onnxopt.inputs import InputSpec
 from onnxopt.validate import Bounds, validate
 
@@ -135,3 +135,32 @@ def test_candidate_without_the_references_output(tmp_path, capsys):
     onnx.save(proto, str(tmp_path / "renamed.onnx"))
     code, out, _ = run_validate(capsys, ref, tmp_path / "renamed.onnx", "--shape", "x=2,8")
     assert code == 1 and "missing from the candidate" in out
+
+
+def test_a_candidate_that_fails_on_the_inputs_exits_1(tmp_path, capsys):
+    ref = classifier(tmp_path / "ref.onnx")
+    other = classifier(tmp_path / "other.onnx", classes=4)
+    import onnx
+
+    proto = onnx.load(str(other))
+    proto.graph.output[0].name = proto.graph.node[0].output[0] = "logits"
+    proto.graph.input[0].type.tensor_type.shape.dim[1].dim_value = 3  # wants [batch, 3]
+    proto.graph.initializer[0].CopyFrom(onnx.numpy_helper.from_array(np.ones((3, 4), np.float32), "w"))
+    onnx.save(proto, str(other))
+    code, _, err = run_validate(capsys, ref, other, "--shape", "x=2,8")
+    assert code == 1 and err.startswith("error: the candidate model does not run in onnxruntime on these inputs")
+    assert len(err.strip().splitlines()) == 1
+    code, _, err = run_validate(capsys, other, ref, "--shape", "x=2,8")
+    assert code == 2 and "the reference model" in err
+
+
+def test_run_check_reports_models_that_do_not_load(tmp_path):
+    from onnxopt.compare import compare_models
+    from onnxopt.errors import CheckFailed, UsageError
+
+    ref = classifier(tmp_path / "ref.onnx")
+    feeds = {"x": np.ones((1, 8), np.float32)}
+    with pytest.raises(CheckFailed, match="the optimized model does not run in onnxruntime"):
+        compare_models(ref, b"not a model", feeds)
+    with pytest.raises(UsageError, match="the reference model does not run in onnxruntime, so it cannot be checked"):
+        compare_models(b"not a model", ref, feeds)
