@@ -70,12 +70,12 @@ def run_cmd(model, pass_spec, output, report_path, shapes, no_check, atol, rtol,
                 if not keep_failed:
                     raise gate_failed
         if report_path:
-            io.write_text(report_path, json.dumps({
+            io.write_text(report_path, io.to_json({
                 "input": str(model), "output": str(output), "passes": [repr(p) for p in passes],
                 "size_before": size_before, "size_after": size_after,
                 **run_report.to_dict(), "check": [r.__dict__ for r in results],
                 **({"gate": gated.to_dict()} if gated else {}),
-            }, indent=1, default=str))
+            }))
     out.print(f"wrote {output}")
     if gate_failed:
         raise gate_failed
@@ -165,11 +165,11 @@ def validate_cmd(reference, candidate, data, shapes, ranges, batch, seed, sample
             if any(not v.passed for v in result.verdicts if v.output == r.name) and r.histogram:
                 out.print(report.error_histogram(r))
     if json_path:
-        io.write_text(json_path, json.dumps({
+        io.write_text(json_path, io.to_json({
             "reference": str(reference), "candidate": str(candidate), "passed": result.passed,
             "samples": result.samples, "notices": result.notices,
             "outputs": [r.__dict__ for r in result.results], "verdicts": [v.__dict__ for v in result.verdicts],
-        }, indent=1, default=str))
+        }))
     if not result.passed:
         failed = sorted({f"{v.output} {v.metric}" for v in result.verdicts if not v.passed})
         raise CheckFailed(f"validation failed: {', '.join(failed)}")
@@ -209,8 +209,8 @@ def bench_cmd(models, data, shapes, ranges, batch, seed, eps, iters, seconds, wa
     with progress.bar(out, "timing", total, quiet=quiet or as_json) as advance:
         timings = bench.bench(models, feeds, eps, settings, lambda n, ep: advance(n, f"timing on {ep}"))
     if as_json:
-        click.echo(json.dumps({"notices": notices, "peak_rss_mb": round(bench.peak_rss_mb(), 1),
-                               "speedup_by": speedup_by, "results": [t.to_dict() for t in timings]}, indent=1))
+        click.echo(io.to_json({"notices": notices, "peak_rss_mb": round(bench.peak_rss_mb(), 1),
+                               "speedup_by": speedup_by, "results": [t.to_dict() for t in timings]}))
         return
     out.print(report.bench_table(timings, f"latency (ms), speedup by {speedup_by}; peak RSS {bench.peak_rss_mb():.0f} MB"))
 

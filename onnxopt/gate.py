@@ -7,7 +7,6 @@ for CI systems.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import xml.etree.ElementTree as ET
 from collections.abc import Callable
@@ -107,7 +106,7 @@ def _size_goals(policy: Policy, ref_bytes: int, cand_bytes: int) -> list[Goal]:
 
 
 def write_json(result: GateResult, path: str | os.PathLike) -> None:
-    io.write_text(path, json.dumps(result.to_dict(), indent=1))
+    io.write_text(path, io.to_json(result.to_dict()))
 
 
 def markdown(result: GateResult) -> str:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import json
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -118,6 +120,20 @@ def write_text(path: str | os.PathLike, text: str) -> None:
     except OSError as e:
         raise UsageError(f"{path}: cannot write ({e.strerror or e})") from None
     os.replace(tmp, path)
+
+
+def to_json(data) -> str:
+    """Strict JSON: infinities and NaNs (an exact match's SNR, say) become the strings "inf", "-inf", "nan"."""
+    def clean(x):
+        if isinstance(x, float) and not math.isfinite(x):
+            return str(x)
+        if isinstance(x, dict):
+            return {k: clean(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return [clean(v) for v in x]
+        return x
+
+    return json.dumps(clean(data), indent=1, default=str)
 
 
 def file_size(path: str | os.PathLike) -> int:

@@ -108,8 +108,11 @@ def test_validate_command(tmp_path, capsys):
     assert code == 1 and "absolute errors of logits" in out  # the histogram comes with a failure
     assert err.strip() == "error: validation failed: logits tolerance"
 
-    code, out, err = run_validate(capsys, ref, near, "--shape", "x=4,8", "--atol", "logits:10", "--rtol", "0")
+    code, out, err = run_validate(capsys, ref, ref, "--shape", "x=4,8", "--atol", "logits:0", "--rtol", "0",
+                                  "--json", tmp_path / "same.json")
     assert code == 0, err
+    same = json.loads((tmp_path / "same.json").read_text(), parse_constant=lambda c: pytest.fail(f"not JSON: {c}"))
+    assert same["outputs"][0]["snr_db"] == "inf" and same["outputs"][0]["max_abs"] == 0
 
 
 @pytest.mark.parametrize("args, message", [
