@@ -110,7 +110,7 @@ def test_malformed_policy_exits_2_naming_the_key(tmp_path, models, capsys, text,
 
 def test_policy_names_checked_against_the_models(tmp_path, models, capsys):
     code, _, err = check(capsys, *models, write(tmp_path, "[accuracy.outputs.nope]\nmin_cosine = 0.9"))
-    assert code == 2 and "bounds name no output of the reference: nope" in err
+    assert code == 2 and "a bound names no output of the reference: nope" in err
     code, _, err = check(capsys, *models, write(tmp_path, "[inputs]\ndata = 'none.npz'\n[accuracy]\nmin_cosine = 0.9"))
     assert code == 2 and "none.npz: no such file" in err
     assert cli("check", *models, "--policy", tmp_path / "missing.toml") == 2

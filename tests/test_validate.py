@@ -118,7 +118,7 @@ def test_validate_command(tmp_path, capsys):
 @pytest.mark.parametrize("args, message", [
     (["--atol", "big"], "bad --atol"),
     (["--atol", "nope:1"], "--atol names no output"),
-    (["--min-cosine", "nope:0.9"], "bounds name no output"),
+    (["--min-cosine", "nope:0.9"], "a bound names no output"),
     (["--mean-pool", "logits"], "bad --mean-pool"),
     (["--mean-pool", "logits:mask"], "mask is not an input"),
     (["--ep", "tpu"], "unknown execution provider 'tpu'"),
