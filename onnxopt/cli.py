@@ -255,7 +255,10 @@ def passes_cmd(name):
         kind = "exact" if cls.exact else "lossy"
         out.print(f"[bold]{pass_name}[/bold]  {cls.summary}  ({kind}{', fixed point' if cls.fixed_point else ''})")
         for opt in cls.options:
-            out.print(f"    {opt.name}: {opt.type.__name__} = {opt.default!r}  {opt.help}")
+            out.print(f"    {opt.name}: {opt.type.__name__} = {opt.default!r}  {opt.help}", markup=False)
+        if name:
+            for line in cls.details():
+                out.print(f"  {line}", markup=False)
 
 
 @cli.command("inspect")

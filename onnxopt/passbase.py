@@ -78,6 +78,11 @@ class OptPass(ir.passes.InPlacePass):
             value = values.get(option.name, option.default)
             setattr(self, option.name, option.convert(value, self.name) if option.name in values else value)
 
+    @classmethod
+    def details(cls) -> list[str]:
+        """Extra lines for ``onnxopt passes NAME`` (the rules of a pass made of rules, say)."""
+        return []
+
     def settings(self) -> dict[str, Any]:
         return {o.name: getattr(self, o.name) for o in self.options}
 

@@ -15,6 +15,17 @@ def is_standard(node: ir.Node, *op_types: str) -> bool:
     return node.domain in STANDARD_DOMAINS and (not op_types or node.op_type in op_types)
 
 
+def producer(value: ir.Value | None, *op_types: str) -> ir.Node | None:
+    """The standard-domain node that computes ``value``, if it is one of ``op_types`` (any when none)."""
+    node = None if value is None else value.producer()
+    return node if node is not None and is_standard(node, *op_types) else None
+
+
+def single_use(value: ir.Value) -> bool:
+    """Read by exactly one node and not a graph output: its producer may be rewritten for that reader."""
+    return len(value.uses()) == 1 and not value.is_graph_output()
+
+
 def constant(value: ir.Value | None) -> np.ndarray | None:
     """The value of an initializer that a caller cannot override (it is not a graph input)."""
     if value is None or value.producer() is not None or value.const_value is None or value.is_graph_input():
@@ -91,6 +102,17 @@ def add_initializer(graph: ir.Graph, array: np.ndarray, name: str | None = None)
     value = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(tensor.dtype), const_value=tensor)
     graph.register_initializer(value)
     return value
+
+
+def fresh_name(graph: ir.Graph, base: str | None) -> str:
+    """``base.fused``, ``base.fused.1``, ...: a name no initializer of ``graph`` has yet."""
+    name = f"{base or 'tensor'}.fused"
+    taken = graph.initializers
+    candidate, i = name, 0
+    while candidate in taken:
+        i += 1
+        candidate = f"{name}.{i}"
+    return candidate
 
 
 def replace_with_constant(value: ir.Value, array: np.ndarray) -> bool:

@@ -10,7 +10,18 @@ import onnx_ir.passes.common as common
 
 from onnxopt.passbase import OptPass
 
-from ._common import can_take_name, constant, graphs_of, infer_shapes, is_standard, lift_constants, rank, remove_unused, replace_value
+from ._common import (
+    can_take_name,
+    constant,
+    graphs_of,
+    infer_shapes,
+    is_standard,
+    lift_constants,
+    producer,
+    rank,
+    replace_value,
+    single_use,
+)
 
 BIG = 2**31 - 1  # "to the end" in exporters' Slice ends; anything at least this large clamps
 
@@ -95,15 +106,6 @@ def normalize(axes: list[int], r: int | None) -> list[int] | None:
             return None
         axes = [a + r if a < 0 else a for a in axes]
     return sorted(axes)
-
-
-def producer(value: ir.Value | None, *op_types: str) -> ir.Node | None:
-    node = None if value is None else value.producer()
-    return node if node is not None and is_standard(node, *op_types) else None
-
-
-def single_use(value: ir.Value) -> bool:
-    return len(value.uses()) == 1 and not value.is_graph_output()
 
 
 def dims(value: ir.Value) -> list[int | None] | None:

@@ -1,0 +1,3 @@
+"""Activation fusions."""
+
+from __future__ import annotations

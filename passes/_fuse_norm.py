@@ -1,0 +1,3 @@
+"""Normalization and GELU fusions."""
+
+from __future__ import annotations

@@ -1,0 +1,127 @@
+"""Fusions: named rewrites that remove work, each with the opsets where it applies.
+
+``fuse(skip=gelu|layernorm)`` leaves rules out, ``fuse(only=conv_bn)`` keeps only some; ``onnxopt
+passes fuse`` lists them. ``target=ort`` lets rules emit onnxruntime's contrib ops; the default output
+is standard ONNX. Every rule keeps the outputs equal up to float rounding (weights are refolded in
+float64) and leaves a pattern alone when another reader needs an intermediate value.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import onnx_ir as ir
+
+from onnxopt.errors import UsageError
+from onnxopt.passbase import Option, OptPass
+
+from ._common import graphs_of, infer_shapes, is_standard, lift_constants
+
+MAX_SWEEPS = 8
+
+
+@dataclasses.dataclass(frozen=True)
+class Context:
+    opset: int
+    target: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    name: str
+    ops: tuple[str, ...]
+    summary: str
+    apply: Callable[[ir.Node, Context], bool]
+    min_opset: int = 1
+    target: str = "onnx"
+
+    def applies(self, ctx: Context) -> bool:
+        return ctx.opset >= self.min_opset and (self.target == "onnx" or self.target == ctx.target)
+
+
+RULES: list[Rule] = []
+
+
+def rule(name: str, ops: tuple[str, ...], summary: str, *, min_opset: int = 1, target: str = "onnx"):
+    """Register a rewrite anchored on nodes of ``ops``; it returns whether it changed the graph."""
+
+    def register(fn: Callable[[ir.Node, Context], bool]):
+        RULES.append(Rule(name, ops, summary, fn, min_opset, target))
+        return fn
+
+    return register
+
+
+def _load_rules() -> None:
+    from . import _fuse_activation, _fuse_layout, _fuse_linear, _fuse_norm, _fuse_shape  # noqa: F401  (importing registers)
+
+
+class Fuse(OptPass):
+    name = "fuse"
+    summary = "Named fusions: BatchNorm and per-channel affine into Conv/Gemm/MatMul, MatMul+Add to Gemm, shape chains."
+    options = (
+        Option("skip", str, "", "rules to leave out, separated by |"),
+        Option("only", str, "", "apply only these rules, separated by |"),
+        Option("target", str, "onnx", "onnx (standard ops only) or ort (onnxruntime contrib ops allowed)"),
+    )
+    fixed_point = True
+
+    def __init__(self, **values):
+        super().__init__(**values)
+        _load_rules()
+        known = {r.name for r in RULES}
+        for option in ("skip", "only"):
+            unknown = set(_names(getattr(self, option))) - known
+            if unknown:
+                raise UsageError(f"pass fuse: {option} names unknown rules {', '.join(sorted(unknown))} "
+                                 f"(rules: {', '.join(sorted(known))})")
+        if self.target not in ("onnx", "ort"):
+            raise UsageError(f"pass fuse: target must be onnx or ort, got {self.target!r}")
+
+    @classmethod
+    def details(cls) -> list[str]:
+        _load_rules()
+        lines = ["rules:"]
+        for r in RULES:
+            where = f"opset {r.min_opset}+" + (", target=ort" if r.target == "ort" else "")
+            lines.append(f"  {r.name:<18} {r.summary} ({where})")
+        return lines
+
+    def rules(self, ctx: Context) -> dict[str, list[Rule]]:
+        skip, only = set(_names(self.skip)), set(_names(self.only))
+        chosen: dict[str, list[Rule]] = {}
+        for r in RULES:
+            if r.name in skip or (only and r.name not in only) or not r.applies(ctx):
+                continue
+            for op in r.ops:
+                chosen.setdefault(op, []).append(r)
+        return chosen
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        ctx = Context(model.opset_imports.get("", model.opset_imports.get("ai.onnx", 1)), self.target)
+        by_op = self.rules(ctx)
+        modified = lift_constants(model)
+        for _ in range(MAX_SWEEPS):
+            infer_shapes(model)
+            if not _sweep(model, by_op, ctx):
+                break
+            modified = True
+        return ir.passes.PassResult(model, modified)
+
+
+def _names(spec: str) -> list[str]:
+    return [n.strip() for n in spec.replace(",", "|").split("|") if n.strip()]
+
+
+def _sweep(model: ir.Model, by_op: dict[str, list[Rule]], ctx: Context) -> bool:
+    changed = False
+    for graph in graphs_of(model):
+        for node in list(graph):
+            if node.graph is not graph or not is_standard(node):
+                continue
+            for r in by_op.get(node.op_type, ()):
+                if r.apply(node, ctx):
+                    changed = True
+                    break
+    return changed
