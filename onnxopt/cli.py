@@ -14,7 +14,6 @@ from onnxopt.errors import CheckFailed, OnnxoptError, UsageError
 from onnxopt.inspection import describe
 from onnxopt.passbase import get_pass, parse_pass_list, registry
 
-DEFAULT_PASSES = "fold,prune"
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -25,7 +24,7 @@ def cli():
 
 @cli.command("run")
 @click.argument("model", type=click.Path(dir_okay=True, path_type=Path))
-@click.option("--passes", "pass_spec", default=DEFAULT_PASSES, show_default=True,
+@click.option("--passes", "pass_spec", default=",".join(pipeline.DEFAULT_PASSES), show_default=True,
               help="Comma-separated passes with options, e.g. 'fold(size_limit=1048576),prune'.")
 @click.option("-o", "--output", type=click.Path(path_type=Path), help="Output model [default: <stem>.opt.onnx beside MODEL].")
 @click.option("--report", "report_path", type=click.Path(path_type=Path), help="Write the run report as JSON.")

@@ -15,6 +15,7 @@ from onnxopt.passbase import OptPass, as_pass
 from onnxopt.stats import Stats
 
 MAX_ROUNDS = 8
+DEFAULT_PASSES = ("fold", "prune", "fuse")  # exact passes, run together to a fixed point
 
 
 @dataclasses.dataclass

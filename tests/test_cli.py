@@ -43,7 +43,7 @@ def test_run_on_the_demo_model(demo, tmp_path):
     assert out.is_file() and demo.read_bytes() == before
     report = json.loads((tmp_path / "run.json").read_text())
     assert report["after"]["nodes"] < report["before"]["nodes"]
-    assert [p["name"] for p in report["passes"]] == ["fold", "prune"]
+    assert [p["name"] for p in report["passes"]] == ["fold", "prune", "fuse"]
     assert all(c["passed"] for c in report["check"])
     assert "nodes by op type" in result.stdout and "wrote" in result.stdout
     assert not [n for n in files(tmp_path) if n.startswith(".onnxopt")]

@@ -1,8 +1,8 @@
-"""Conformance: fold + prune must not change what ONNX's own backend test models compute.
+"""Conformance: the default passes (fold, prune, fuse) must not change what ONNX's own backend test models compute.
 
 Every node test case of ``onnx.backend.test.case.node`` and every on-disk model under
 ``onnx/backend/test/data/{simple,pytorch-converted,pytorch-operator}`` is run in onnxruntime
-(CPU, graph optimizations off) before and after ``onnxopt.run(model, ["fold", "prune"])`` on the
+(CPU, graph optimizations off) before and after ``onnxopt.run(model, DEFAULT_PASSES)`` on the
 case's own inputs, and the outputs are compared. A case whose original model onnxruntime cannot
 load or run is "unusable"; an onnxopt error, an optimized model onnxruntime cannot load or run,
 or a different output is "failed".
@@ -30,6 +30,7 @@ import onnx_ir as ir
 import pytest
 
 import onnxopt
+from onnxopt.pipeline import DEFAULT_PASSES
 
 ort = pytest.importorskip("onnxruntime")
 
@@ -195,7 +196,7 @@ def check(case: Case) -> tuple[str, str]:
     # The optimized model, from a fresh copy.
     try:
         model = ir.serde.deserialize_model(onnx.ModelProto.FromString(original))
-        model, _ = onnxopt.run(model, ["fold", "prune"])
+        model, _ = onnxopt.run(model, list(DEFAULT_PASSES))
         optimized = ir.serde.serialize_model(model).SerializeToString()
     except Exception as e:
         return "failed", f"onnxopt raised {_short(e)}"
@@ -271,7 +272,7 @@ def run_cases(names: list[str] | None = None) -> tuple[dict[str, int], list[tupl
 # -- the test ----------------------------------------------------------------------------------
 
 
-def test_fold_prune_keep_backend_outputs():
+def test_default_passes_keep_backend_outputs():
     counts, failures, seconds = run_cases()
     summary = f"conformance: {counts['ok']} ok, {counts['failed']} failed, {counts['unusable']} unusable in {seconds:.0f} s"
     print("\n" + summary)
