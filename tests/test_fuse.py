@@ -8,6 +8,7 @@ from onnx import TensorProto, helper
 
 from onnxopt.errors import UsageError
 from onnxopt.passes import Fuse
+from onnxopt.passes.fuse import Context
 
 RNG = np.random.default_rng(0)
 
@@ -34,7 +35,7 @@ def test_rules_are_listed_selected_and_checked():
         Fuse(skip="nope")
     with pytest.raises(UsageError, match="target must be onnx or ort"):
         Fuse(target="tensorrt")
-    assert Fuse(only="conv_bn|matmul_add").rules(__import__("passes.fuse").fuse.Context(17, "onnx"))
+    assert Fuse(only="conv_bn|matmul_add").rules(Context(17, "onnx"))
 
 
 def conv_bn_model(conv_attrs=None, bias=True, op="Conv", w_shape=(6, 4, 3, 3), group=1):
