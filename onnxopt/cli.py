@@ -283,6 +283,8 @@ def inspect_cmd(model, as_json):
     if info["external_data"]:
         out.print(f"  external data: {', '.join(info['external_data'])}")
     out.print("  ops: " + ", ".join(f"{op} {n}" for op, n in info["ops"].items()))
+    for pattern, n in info["findings"].items():
+        out.print(f"  recognised, left as is: {pattern} ×{n}")
 
 
 @cli.group("zoo")

@@ -60,6 +60,17 @@ def describe(model: ir.Model, path: str | os.PathLike | None = None) -> dict:
         "functions": len(model.functions),
         "external_data": sorted({t.location for t in io.external_tensors(model)}),
     }
+    info["findings"] = findings(model)
     if path is not None:
         info["file_bytes"] = io.file_size(path)
     return info
+
+
+def findings(model: ir.Model) -> dict[str, int]:
+    """What the passes recognise and leave as is, as ``"pass: pattern" -> count``."""
+    from onnxopt.passbase import registry
+
+    found = {}
+    for name, cls in registry().items():
+        found.update({f"{name}: {k}": n for k, n in cls.findings(model).items() if n})
+    return found

@@ -83,6 +83,11 @@ class OptPass(ir.passes.InPlacePass):
         """Extra lines for ``onnxopt passes NAME`` (the rules of a pass made of rules, say)."""
         return []
 
+    @classmethod
+    def findings(cls, model: ir.Model) -> dict[str, int]:
+        """Patterns this pass recognises in ``model`` but leaves as they are, with their counts (for ``inspect``)."""
+        return {}
+
     def settings(self) -> dict[str, Any]:
         return {o.name: getattr(self, o.name) for o in self.options}
 

@@ -9,6 +9,7 @@ import onnx_ir.passes.common as common
 from onnx_ir.passes.common import _c_api_utils
 
 STANDARD_DOMAINS = ("", "ai.onnx")
+RTOL = 1e-4  # how close an exporter's constant must be to the exact one (float32 rounding, fewer digits)
 
 
 def is_standard(node: ir.Node, *op_types: str) -> bool:
@@ -34,6 +35,35 @@ def constant(value: ir.Value | None) -> np.ndarray | None:
         return value.const_value.numpy()
     except Exception:  # a dtype numpy cannot hold, or unreadable external data
         return None
+
+
+def scalar(value: ir.Value | None, like: ir.Value) -> float | None:
+    """The value of a one-element constant that broadcasting against ``like`` cannot change the shape of."""
+    c = constant(value)
+    if c is None or c.size != 1 or (c.ndim and (rank(like) is None or c.ndim > rank(like))):
+        return None
+    return float(c.reshape(()))
+
+
+def is_scalar(value: ir.Value | None, like: ir.Value, target: float, rtol: float = RTOL) -> bool:
+    """Whether ``value`` is a one-element constant (see ``scalar``) within ``rtol`` of ``target``."""
+    c = scalar(value, like)
+    return c is not None and abs(c - target) <= rtol * abs(target)
+
+
+def other_input(node: ir.Node, value: ir.Value) -> ir.Value | None:
+    """The other input of a commutative binary ``node`` that reads ``value``."""
+    if node.inputs[0] is value:
+        return node.inputs[1]
+    return node.inputs[0] if node.inputs[1] is value else None
+
+
+def only_reader(value: ir.Value, *op_types: str) -> ir.Node | None:
+    """The one node that reads ``value``, if it is one of ``op_types`` and ``value`` is no graph output."""
+    if not single_use(value):
+        return None
+    reader = value.uses()[0].node
+    return reader if producer(reader.outputs[0], *op_types) is reader else None
 
 
 def lift_constants(model: ir.Model) -> bool:
@@ -160,3 +190,14 @@ def replace_value(old: ir.Value, new: ir.Value) -> None:
         if output is old:
             graph.outputs[i] = carrier
     old.replace_all_uses_with(new)
+
+
+def replace_nodes(nodes: list[ir.Node], end: ir.Node, fused: ir.Node) -> bool:
+    """``fused`` takes over ``end``'s output; ``nodes`` (the pattern, ``end`` included) go."""
+    graph = end.graph
+    graph.insert_after(end, fused)
+    out, old = fused.outputs[0], end.outputs[0]
+    out.shape, out.type = old.shape, old.type
+    replace_value(old, out)
+    graph.remove(nodes, safe=True)
+    return True

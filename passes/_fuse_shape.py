@@ -1,14 +1,15 @@
 """Shape computations that collapse: a Reshape whose target shape is assembled at run time from the
 dims of its own input (Shape → Gather/Slice → Cast → Unsqueeze → Concat, as exporters emit for
 dynamic batch and sequence dims) gets a constant shape, with 0 where a dim is copied and -1 for the
-one dim left to infer. onnxruntime's ReshapeFusion does the same when it loads a model."""
+one dim left to infer. onnxruntime's ReshapeFusion does the same when it loads a model. A chain of
+Reshape/Flatten/Squeeze/Unsqueeze whose result has a static shape becomes one Reshape."""
 
 from __future__ import annotations
 
 import numpy as np
 import onnx_ir as ir
 
-from ._common import add_initializer, constant, fresh_name, producer, rank
+from ._common import add_initializer, constant, fresh_name, is_standard, producer, rank, replace_value, single_use
 from .fuse import Context, rule
 
 INTS = (ir.DataType.INT64, ir.DataType.INT32)
@@ -38,7 +39,7 @@ def elements(value: ir.Value | None, depth: int = 0) -> list | None:
         if op == "Cast" and node.attributes.get_int("to", 0) not in (ir.DataType.INT64, ir.DataType.INT32):
             return None
         return elements(inputs[0], depth + 1)
-    if op in ("Unsqueeze", "Squeeze"):
+    if op in ("Unsqueeze", "Squeeze", "Reshape"):
         inner = elements(inputs[0], depth + 1)
         return inner if inner is not None and len(inner) == 1 else None
     if op == "Concat":
@@ -110,4 +111,91 @@ def reshape_shape(node: ir.Node, ctx: Context) -> bool:
         return False
     value = add_initializer(node.graph, np.array(resolved, np.int64), fresh_name(node.graph, shape.name))
     node.replace_input_with(1, value)
+    return True
+
+
+# Reshape / Flatten / Squeeze / Unsqueeze chains
+
+CHAIN = ("Reshape", "Flatten", "Squeeze", "Unsqueeze")
+
+
+def _axes(node: ir.Node) -> list[int] | None:
+    """The constant axes of a Squeeze or Unsqueeze: an attribute before opset 13, an input since."""
+    if "axes" in node.attributes:
+        return list(node.attributes.get_ints("axes"))
+    known = constant(node.inputs[1]) if len(node.inputs) > 1 else None
+    return None if known is None else [int(a) for a in known.ravel()]
+
+
+def keeps_batch(node: ir.Node) -> bool:
+    """Whether dim 0 of ``node``'s output is dim 0 of its input, whatever size that is."""
+    r = rank(node.inputs[0])
+    if not r:
+        return False
+    if node.op_type == "Flatten":
+        axis = node.attributes.get_int("axis", 1)
+        return (axis + r if axis < 0 else axis) == 1
+    if node.op_type == "Reshape":
+        shape = constant(node.inputs[1])
+        return shape is not None and shape.size > 0 and int(shape.ravel()[0]) == 0 and not node.attributes.get_int("allowzero", 0)
+    axes = _axes(node)
+    if not axes:  # Squeeze without axes drops every dim of size 1, perhaps dim 0
+        return False
+    out_rank = r + len(axes) if node.op_type == "Unsqueeze" else r
+    return all(a % out_rank != 0 for a in axes)
+
+
+def chain_to(node: ir.Node) -> list[ir.Node]:
+    """The chain ops that lead to ``node``, first to last, each read only by the next."""
+    chain = [node]
+    while True:
+        prev = producer(chain[0].inputs[0], *CHAIN)
+        if prev is None or prev.graph is not node.graph or not single_use(chain[0].inputs[0]):
+            return chain
+        chain.insert(0, prev)
+
+
+def chain_target(chain: list[ir.Node]) -> list[int] | None:
+    """The shape one Reshape of the chain's input takes to give its output: static, or static but for a
+    batch dim that every op keeps (0: copied). None for a lone op, or a dynamic or empty result."""
+    shape = chain[-1].outputs[0].shape
+    if len(chain) < 2 or shape is None:
+        return None
+    dims = list(shape)
+    if all(isinstance(d, int) for d in dims):
+        target = dims
+    elif dims and all(isinstance(d, int) for d in dims[1:]) and all(keeps_batch(n) for n in chain):
+        target = [0, *dims[1:]]
+    else:
+        return None
+    return target if all(d > 0 for d in dims if isinstance(d, int)) else None
+
+
+def _extends(node: ir.Node) -> bool:
+    """Whether the chain through ``node`` goes on to a reader that can end it instead."""
+    out = node.outputs[0]
+    if not single_use(out):
+        return False
+    reader = out.uses()[0].node
+    return (is_standard(reader, *CHAIN) and reader.inputs[0] is out and reader.graph is node.graph
+            and chain_target([*chain_to(node), reader]) is not None)
+
+
+@rule("reshape_chain", CHAIN,
+      "a chain of Reshape/Flatten/Squeeze/Unsqueeze with a static result shape (or static but for a kept batch dim) → one Reshape",
+      min_opset=5)
+def reshape_chain(node: ir.Node, ctx: Context) -> bool:
+    if _extends(node):
+        return False  # the longest chain is fused from its end
+    chain = chain_to(node)
+    target = chain_target(chain)
+    if target is None:
+        return False
+    graph, out = node.graph, node.outputs[0]
+    shape = add_initializer(graph, np.array(target, np.int64), fresh_name(graph, f"{out.name}.shape"))
+    reshape = ir.node("Reshape", [chain[0].inputs[0], shape], name=node.name)
+    graph.insert_after(node, reshape)
+    reshape.outputs[0].shape, reshape.outputs[0].type = out.shape, out.type
+    replace_value(out, reshape.outputs[0])
+    graph.remove(chain, safe=True)
     return True

@@ -88,6 +88,12 @@ class Fuse(OptPass):
             lines.append(f"  {r.name:<18} {r.summary} ({where})")
         return lines
 
+    @classmethod
+    def findings(cls, model: ir.Model) -> dict[str, int]:
+        from ._fuse_activation import count_swish
+
+        return {"x * Sigmoid(x) (SiLU/swish: no fused op at this opset)": count_swish(model)}
+
     def rules(self, ctx: Context) -> dict[str, list[Rule]]:
         skip, only = set(_names(self.skip)), set(_names(self.only))
         chosen: dict[str, list[Rule]] = {}

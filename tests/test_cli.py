@@ -1,14 +1,12 @@
 """The command line as a user meets it: exit codes, one-line errors, nothing left behind."""
 
 import json
-import os
 import shutil
 import subprocess
 import sys
 from importlib import resources
 from pathlib import Path
 
-import numpy as np
 import onnx
 import pytest
 from helpers import F, make_model

@@ -1,7 +1,7 @@
-"""Compare onnxopt `fold`+`prune` with onnxsim, onnxslim and onnxruntime's offline BASIC optimizer.
+"""Compare onnxopt's graph passes (`fold,prune` and `fold,prune,fuse`) with onnxsim, onnxslim and onnxruntime's offline BASIC optimizer.
 
 Run in a scratch venv that has the anchors installed (never project dependencies):
-    /tmp/anchors-venv/bin/python benchmarks/fold_prune_vs_anchors.py [--models-dir DIR] [--json out.json]
+    /tmp/anchors-venv/bin/python benchmarks/graph_vs_anchors.py [--models-dir DIR] [--json out.json]
 
 For each model: node counts (top level; "(rec N)" when subgraphs add nodes), wall time of each tool,
 and the max abs error of each tool's output model vs the original on one random input (ORT CPU,
@@ -25,7 +25,7 @@ import onnx
 import onnxruntime as ort
 
 MODELS = ["minilm-l6-v2", "ppocrv4-det", "ppocrv4-rec", "yolov8n-320"]
-TOOLS = ["onnxopt", "onnxsim", "onnxslim", "ort-basic"]
+TOOLS = ["fold,prune", "fold,prune,fuse", "onnxsim", "onnxslim", "ort-basic"]
 # Concrete shapes for the random check input; any other symbolic dim becomes 1.
 SHAPES = {
     "minilm-l6-v2": {"*": [1, 16]},
@@ -84,21 +84,21 @@ def max_abs_err(ref: list[np.ndarray], got: list[np.ndarray]) -> float:
 
 
 # Each tool: (path, loaded ModelProto) -> (output ModelProto, top-level node count, core seconds, extra timings)
-def tool_onnxopt(path: Path, model: onnx.ModelProto):
-    import onnx_ir as ir
-    import onnxopt  # ImportError -> "n/a"
+def tool_onnxopt(passes: str):
+    def run(path: Path, model: onnx.ModelProto):
+        import onnx_ir as ir
+        import onnxopt  # ImportError -> "n/a"
 
-    if not hasattr(onnxopt, "run"):
-        raise ImportError("onnxopt.run not available yet")
+        t = time.perf_counter()
+        out, _report = onnxopt.run(str(path), passes.split(","))
+        primary = time.perf_counter() - t
+        pre = ir.load(str(path))
+        t = time.perf_counter()
+        onnxopt.run(pre, passes.split(","))
+        extra = {"onnxopt_preloaded_s": time.perf_counter() - t}
+        return ir.serde.serialize_model(out), len(list(out.graph)), primary, extra
 
-    t = time.perf_counter()
-    out, _report = onnxopt.run(str(path), ["fold", "prune"])
-    primary = time.perf_counter() - t
-    pre = ir.load(str(path))
-    t = time.perf_counter()
-    onnxopt.run(pre, ["fold", "prune"])
-    extra = {"onnxopt_preloaded_s": time.perf_counter() - t}
-    return ir.serde.serialize_model(out), len(list(out.graph)), primary, extra
+    return run
 
 
 def tool_onnxsim(path: Path, model: onnx.ModelProto):
@@ -138,7 +138,7 @@ def tool_ort_basic(path: Path, model: onnx.ModelProto):
     return out, len(out.graph.node), core, {}
 
 
-RUNNERS = {"onnxopt": tool_onnxopt, "onnxsim": tool_onnxsim, "onnxslim": tool_onnxslim, "ort-basic": tool_ort_basic}
+RUNNERS = {"fold,prune": tool_onnxopt("fold,prune"), "fold,prune,fuse": tool_onnxopt("fold,prune,fuse"), "onnxsim": tool_onnxsim, "onnxslim": tool_onnxslim, "ort-basic": tool_ort_basic}
 
 
 def versions() -> dict[str, str]:
@@ -172,7 +172,7 @@ def bench_model(path: Path, name: str) -> dict:
             except Exception as e:  # noqa: BLE001 - report, don't stop
                 r["check_error"] = f"{type(e).__name__}: {e}"
         except ImportError as e:
-            r["error"] = "n/a" if tool == "onnxopt" else f"ImportError: {e}"
+            r["error"] = "n/a" if tool.startswith("fold") else f"ImportError: {e}"
         except Exception as e:  # noqa: BLE001
             r["error"] = f"{type(e).__name__}: {e}"
         res[tool] = r
@@ -214,11 +214,11 @@ def main() -> None:
               + " | ".join(cell(res[t], "time_s") for t in TOOLS) + " |")
 
     print("\nMax abs error vs original (one random input, ORT CPU, no ORT graph opts) and secondary timings (s):\n")
-    print("| model | " + " | ".join(f"err {t}" for t in TOOLS) + " | onnxopt preloaded IR | onnxsim load+simplify+save | onnxslim load+slim+save |")
+    print("| model | " + " | ".join(f"err {t}" for t in TOOLS) + " | onnxopt preloaded IR (fold,prune,fuse) | onnxsim load+simplify+save | onnxslim load+slim+save |")
     print("|---" * (1 + len(TOOLS) + 3) + "|")
     for name, res in results.items():
         print(f"| {name} | " + " | ".join(cell(res[t], "max_abs_err") for t in TOOLS) + " | "
-              + " | ".join(cell(res[t], k) for t, k in [("onnxopt", "onnxopt_preloaded_s"), ("onnxsim", "load_simplify_save_s"),
+              + " | ".join(cell(res[t], k) for t, k in [("fold,prune,fuse", "onnxopt_preloaded_s"), ("onnxsim", "load_simplify_save_s"),
                                                          ("onnxslim", "load_slim_save_s")]) + " |")
 
     print("\nTop-level node counts excluding Constant nodes (onnxsim keeps folded values as Constant nodes by default):\n")
