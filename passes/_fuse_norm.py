@@ -3,6 +3,8 @@ LayerNormalization (opset 17), the Erf and Tanh forms of GELU become Gelu (opset
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import onnx_ir as ir
 
@@ -129,13 +131,22 @@ def _half_x_times(one_plus: ir.Value, x: ir.Value) -> tuple[list[ir.Node], ir.No
     return [half, first], first
 
 
-def _gelu(nodes: list[ir.Node], x: ir.Value, one_plus: ir.Value, approximate: str) -> bool:
+# make(x, approximate, name): the node computing GELU of x, or None where it would not run
+MakeGelu = Callable[[ir.Value, str, str], "ir.Node | None"]
+
+
+def _standard_gelu(x: ir.Value, approximate: str, name: str) -> ir.Node:
+    attributes = {"approximate": approximate} if approximate != "none" else {}
+    return ir.node("Gelu", [x], attributes, name=name)
+
+
+def _gelu(nodes: list[ir.Node], x: ir.Value, one_plus: ir.Value, approximate: str, make: MakeGelu) -> bool:
     tail = _half_x_times(one_plus, x)
     if tail is None or x.dtype not in FLOATS:
         return False
     nodes, end = nodes + tail[0], tail[1]
-    attributes = {"approximate": approximate} if approximate != "none" else {}
-    return replace_nodes(nodes, end, ir.node("Gelu", [x], attributes, name=end.name))
+    fused = make(x, approximate, end.name)
+    return fused is not None and replace_nodes(nodes, end, fused)
 
 
 def _one_plus(value: ir.Value, x: ir.Value) -> ir.Node | None:
@@ -145,10 +156,15 @@ def _one_plus(value: ir.Value, x: ir.Value) -> ir.Node | None:
 
 @rule("gelu", ("Erf", "Tanh"), "GELU written with Erf or Tanh → Gelu (approximate=tanh for the Tanh form)", min_opset=20)
 def gelu(node: ir.Node, ctx: Context) -> bool:
-    return (_erf_gelu if node.op_type == "Erf" else _tanh_gelu)(node)
+    return match_gelu(node, _standard_gelu)
 
 
-def _erf_gelu(erf: ir.Node) -> bool:
+def match_gelu(node: ir.Node, make: MakeGelu) -> bool:
+    """Replace the GELU around this Erf or Tanh node with ``make``'s node."""
+    return (_erf_gelu if node.op_type == "Erf" else _tanh_gelu)(node, make)
+
+
+def _erf_gelu(erf: ir.Node, make: MakeGelu) -> bool:
     scaled = erf.inputs[0]
     div = producer(scaled, "Div", "Mul")
     if div is None or not single_use(scaled):
@@ -162,7 +178,7 @@ def _erf_gelu(erf: ir.Node) -> bool:
         if x is None:
             return False
     add = _one_plus(erf.outputs[0], x)
-    return add is not None and _gelu([div, erf, add], x, add.outputs[0], "none")
+    return add is not None and _gelu([div, erf, add], x, add.outputs[0], "none", make)
 
 
 def _cube_of(value: ir.Value) -> tuple[ir.Value, list[ir.Node]] | None:
@@ -179,7 +195,7 @@ def _cube_of(value: ir.Value) -> tuple[ir.Value, list[ir.Node]] | None:
     return None
 
 
-def _tanh_gelu(tanh: ir.Node) -> bool:
+def _tanh_gelu(tanh: ir.Node, make: MakeGelu) -> bool:
     inner = producer(tanh.inputs[0], "Mul")
     if inner is None or not single_use(tanh.inputs[0]):
         return False
@@ -196,5 +212,5 @@ def _tanh_gelu(tanh: ir.Node) -> bool:
                 if cube is not None and cube[0] is x and is_scalar(k, x, 0.044715):
                     one_plus = _one_plus(tanh.outputs[0], x)
                     return one_plus is not None and _gelu(
-                        [*cube[1], cubic, add, inner, tanh, one_plus], x, one_plus.outputs[0], "tanh")
+                        [*cube[1], cubic, add, inner, tanh, one_plus], x, one_plus.outputs[0], "tanh", make)
     return False

@@ -54,12 +54,13 @@ def rule(name: str, ops: tuple[str, ...], summary: str, *, min_opset: int = 1, t
 
 
 def _load_rules() -> None:
-    from . import _fuse_activation, _fuse_layout, _fuse_linear, _fuse_norm, _fuse_shape  # noqa: F401  (importing registers)
+    from . import _fuse_activation, _fuse_layout, _fuse_linear, _fuse_norm, _fuse_ort, _fuse_shape  # noqa: F401  (importing registers)
 
 
 class Fuse(OptPass):
     name = "fuse"
-    summary = "Named fusions: BatchNorm and per-channel affine into Conv/Gemm/MatMul, MatMul+Add to Gemm, shape chains."
+    summary = ("Named fusions: BatchNorm and per-channel affine into Conv/Gemm/MatMul, MatMul+Add to Gemm, Pad and Transpose "
+               "into Conv/pools/Gemm, Clip and HardSwish, LayerNorm, GELU, shape chains; `onnxopt passes fuse` lists the rules.")
     options = (
         Option("skip", str, "", "rules to leave out, separated by |"),
         Option("only", str, "", "apply only these rules, separated by |"),
@@ -113,7 +114,16 @@ class Fuse(OptPass):
             if not _sweep(model, by_op, ctx):
                 break
             modified = True
+        _import_domains(model)
         return ir.passes.PassResult(model, modified)
+
+
+def _import_domains(model: ir.Model) -> None:
+    """Contrib ops a rule emitted need their domain among the model's opset imports."""
+    for graph in graphs_of(model):
+        for node in graph:
+            if not is_standard(node):
+                model.opset_imports.setdefault(node.domain, 1)
 
 
 def _names(spec: str) -> list[str]:
