@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from ._common import constant, producer, rank, replace_nodes, single_use
+from ._common import add_initializer, constant, fresh_name, producer, rank, replace_nodes, single_use
 from ._fuse_norm import match_gelu
 from .fuse import Context, rule
 
@@ -83,3 +83,28 @@ def skip_layernorm(node: ir.Node, ctx: Context) -> bool:
     epsilon = node.attributes.get_float("epsilon", 1e-5)
     fused = ir.node("SkipLayerNormalization", [a, b, *params], {"epsilon": epsilon}, domain=ORT, name=node.name)
     return replace_nodes([add, node], node, fused)
+
+
+@rule("gemm_bias_gelu", ("Gemm",), "Gemm with a bias vector read only by a GELU → MatMul then com.microsoft BiasGelu "
+      "(the reverse of matmul_add, where the Gemm hides the bias from the GELU)", target="ort")
+def gemm_bias_gelu(node: ir.Node, ctx: Context) -> bool:
+    gelu = _gelu_reader(node.outputs[0])
+    if gelu is None or len(node.inputs) < 3 or node.attributes.get_int("transA", 0):
+        return False
+    if node.attributes.get_float("alpha", 1.0) != 1.0 or node.attributes.get_float("beta", 1.0) != 1.0:
+        return False
+    a, b, c = node.inputs
+    weight, bias = constant(b), constant(c)
+    if weight is None or bias is None or weight.ndim != 2 or bias.dtype != np.float32 or a.dtype != ir.DataType.FLOAT:
+        return False
+    transposed = node.attributes.get_int("transB", 0)
+    if bias.shape != (weight.shape[0 if transposed else 1],):
+        return False
+    if transposed:
+        b = add_initializer(node.graph, np.ascontiguousarray(weight.T), fresh_name(node.graph, b.name))
+    matmul = ir.node("MatMul", [a, b], name=node.name)
+    node.graph.insert_before(node, matmul)
+    matmul.outputs[0].shape, matmul.outputs[0].type = node.outputs[0].shape, node.outputs[0].type
+    tanh = gelu.op_type == "FastGelu" or gelu.attributes.get_string("approximate", "none") == "tanh"
+    fused = ir.node("FastGelu" if tanh else "BiasGelu", [matmul.outputs[0], c], domain=ORT, name=gelu.name)
+    return replace_nodes([node, gelu], gelu, fused)

@@ -74,3 +74,24 @@ def test_skip_layernorm_refused(kwargs):
     feeds = {"x": rand(*SHAPE), "skip": rand(*kwargs.get("skip_shape", SHAPE))}
     model, _ = optimize(proto, [Fuse(target="ort")], feeds)
     assert ops(model) == ["Add", "LayerNormalization"]
+
+
+def gemm_gelu(trans_b=1, bias_len=6, alpha=1.0, outputs=("y",)):
+    w = rand(6, 4) if trans_b else rand(4, 6)
+    nodes = [helper.make_node("Gemm", ["x", "w", "b"], ["g"], transB=trans_b, alpha=alpha),
+             helper.make_node("Gelu", ["g"], ["y"])]
+    return make_model(nodes, [("x", F, [3, 4])], [(o, F, [3, 6]) for o in outputs],
+                      {"w": w, "b": rand(bias_len)}, opset=20)
+
+
+@pytest.mark.parametrize("trans_b", [0, 1])
+def test_gemm_bias_moves_into_bias_gelu(trans_b):
+    model, _ = optimize(gemm_gelu(trans_b), [Fuse(target="ort")], {"x": rand(3, 4)}, atol=1e-5, rtol=1e-4)
+    assert ort_ops(model) == [("", "MatMul"), ("com.microsoft", "BiasGelu")]
+
+
+@pytest.mark.parametrize("kwargs", [{"bias_len": 1}, {"alpha": 0.5}, {"outputs": ("y", "g")}],
+                         ids=["broadcast-bias", "alpha", "gemm-output-used"])
+def test_gemm_bias_gelu_refused(kwargs):
+    model, _ = optimize(gemm_gelu(**kwargs), [Fuse(target="ort", only="gemm_bias_gelu")], {"x": rand(3, 4)})
+    assert ops(model) == ["Gemm", "Gelu"]
