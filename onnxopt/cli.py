@@ -57,9 +57,17 @@ def run_cmd(model, pass_spec, output, report_path, shapes, no_check, atol, rtol,
             for notice in notices:
                 out.print(f"note: {notice}", markup=False)
             results = compare.compare_models(model, staged, feeds, atol=atol, rtol=rtol)
-            out.print(report.comparison_table(results, f"check (atol {atol:g}, rtol {rtol:g})"))
-            if all(p.exact for p in passes):
+            lossy = [p for p in passes if not p.exact]
+            budget = compare.fidelity_budget(lossy)
+            if budget:
+                for r in results:
+                    r.passed = r.cosine >= budget[0]
+            title = f"check (cosine >= {budget[0]:g}, the budget of {budget[1]!r})" if budget else f"check (atol {atol:g}, rtol {rtol:g})"
+            out.print(report.comparison_table(results, title))
+            if not lossy:
                 compare.require_equivalent(results, f"{model}: the passes were meant to be exact")
+            elif budget:
+                compare.require_fidelity(results, *budget)
         gated = None
         if gate_policy:
             gated = _gate(out, gate_policy, model, staged, quiet=False)

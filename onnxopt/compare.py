@@ -279,3 +279,16 @@ def require_equivalent(results: list[OutputComparison], what: str) -> None:
             for r in failed
         )
         raise CheckFailed(f"{what}: outputs differ from the input model ({worst})")
+
+
+def fidelity_budget(lossy: list) -> tuple[float, object] | None:
+    """The strictest ``fidelity()`` of the lossy passes, and the pass that set it."""
+    budgets = [(p.fidelity(), p) for p in lossy if p.fidelity() is not None]
+    return max(budgets, key=lambda b: b[0]) if budgets else None
+
+
+def require_fidelity(results: list[OutputComparison], budget: float, strictest) -> None:
+    low = [r for r in results if not r.cosine >= budget]
+    if low:
+        worst = ", ".join(f"{r.name}: cosine {r.cosine:.6f}" for r in low)
+        raise CheckFailed(f"pass {strictest!r} lost too much accuracy: {worst} < {budget:g} (its fidelity budget)")

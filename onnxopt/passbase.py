@@ -83,6 +83,10 @@ class OptPass(ir.passes.InPlacePass):
         """Extra lines for ``onnxopt passes NAME`` (the rules of a pass made of rules, say)."""
         return []
 
+    def fidelity(self) -> float | None:
+        """For a lossy pass, the least output cosine its result may have against its input."""
+        return None
+
     @classmethod
     def findings(cls, model: ir.Model) -> dict[str, int]:
         """Patterns this pass recognises in ``model`` but leaves as they are, with their counts (for ``inspect``)."""

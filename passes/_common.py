@@ -134,9 +134,9 @@ def add_initializer(graph: ir.Graph, array: np.ndarray, name: str | None = None)
     return value
 
 
-def fresh_name(graph: ir.Graph, base: str | None) -> str:
+def fresh_name(graph: ir.Graph, base: str | None, suffix: str = "fused") -> str:
     """``base.fused``, ``base.fused.1``, ...: a name no initializer of ``graph`` has yet."""
-    name = f"{base or 'tensor'}.fused"
+    name = f"{base or 'tensor'}.{suffix}"
     taken = graph.initializers
     candidate, i = name, 0
     while candidate in taken:

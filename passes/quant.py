@@ -1,0 +1,173 @@
+"""Quantization: ``quant(mode=dynamic)`` stores weights as int8 and quantizes activations at run time.
+
+MatMul and Gemm with a constant 2-D weight become DynamicQuantizeLinear → MatMulInteger → Cast →
+Mul(activation scale × weight scales), the form onnxruntime fuses into DynamicQuantizeMatMul and
+MatMulIntegerToFloat (int8 weights, symmetric, per output channel by default; uint8 activations,
+one scale per tensor, which is all those fused kernels take). Gather on an embedding table keeps an
+int8 table and a DequantizeLinear per embedding dim after the lookup. Conv stays float (ConvInteger is
+slow on CPU). Weights held in Constant nodes are lifted first; already-quantized models are refused.
+"""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import onnx_ir as ir
+
+from onnxopt.errors import UsageError
+from onnxopt.passbase import Option, OptPass
+
+from ._common import add_initializer, constant, fresh_name, graphs_of, is_standard, lift_constants, rank, replace_value
+from ._quant_math import quantize_symmetric
+
+QUANTIZED_OPS = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "MatMulInteger", "ConvInteger",
+                 "QLinearConv", "QLinearMatMul", "DynamicQuantizeMatMul", "MatMulIntegerToFloat", "MatMulNBits",
+                 "GatherBlockQuantized", "QGemm", "QAttention"}
+MODES = ("dynamic",)
+OP_TYPES = ("MatMul", "Gemm", "Gather")
+
+
+class Quantize(OptPass):
+    name = "quant"
+    summary = "int8 quantization: dynamic (int8 weights per output channel, activations quantized at run time) for MatMul, Gemm and embedding Gathers."
+    exact = False
+    options = (
+        Option("mode", str, "dynamic", "dynamic: int8 weights, activations quantized at run time"),
+        Option("per_channel", bool, True, "one weight scale per output channel (else one per tensor)"),
+        Option("op_types", str, "MatMul|Gemm|Gather", "op types to quantize, separated by |"),
+        Option("exclude", str, "", "node names or regexes to keep in float, separated by |"),
+        Option("reduce_range", bool, False, "7-bit weights, for CPUs without VNNI whose int8 kernels saturate"),
+        Option("min_cosine", float, 0.99, "fidelity budget: the least output cosine the check accepts"),
+    )
+
+    def __init__(self, **values):
+        super().__init__(**values)
+        if self.mode not in MODES:
+            raise UsageError(f"pass quant: mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+        unknown = set(_split(self.op_types)) - set(OP_TYPES)
+        if unknown:
+            raise UsageError(f"pass quant: op_types names {', '.join(sorted(unknown))}; it takes {', '.join(OP_TYPES)}")
+        try:
+            self._exclude = [re.compile(p) for p in _split(self.exclude)]
+        except re.error as e:
+            raise UsageError(f"pass quant: exclude has a bad regex: {e}") from None
+        if not 0 < self.min_cosine <= 1:
+            raise UsageError(f"pass quant: min_cosine must be in (0, 1], got {self.min_cosine}")
+
+    def fidelity(self) -> float:
+        return self.min_cosine
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        _refuse_quantized(model)
+        lift_constants(model)
+        wanted = set(_split(self.op_types))
+        modified = False
+        for graph in graphs_of(model):
+            shared: dict[ir.Value, tuple[ir.Value, ir.Value, ir.Value]] = {}
+            for node in list(graph):
+                if node.graph is not graph or not is_standard(node, *wanted) or self._excluded(node):
+                    continue
+                if node.op_type == "Gather":
+                    modified |= self._gather(node)
+                else:
+                    modified |= self._matmul(node, shared)
+        return ir.passes.PassResult(model, modified)
+
+    def _excluded(self, node: ir.Node) -> bool:
+        return any(p.fullmatch(node.name or "") for p in self._exclude)
+
+    def _matmul(self, node: ir.Node, shared: dict) -> bool:
+        weight = _weight(node)
+        if weight is None:
+            return False
+        x, w, bias = weight
+        axis = 1 if self.per_channel else None
+        q, scale = quantize_symmetric(w, axis, reduce_range=self.reduce_range)
+        graph = node.graph
+        base = node.name or "quant"
+        wq = add_initializer(graph, q, fresh_name(graph, base, "weight_int8"))
+        wzp = add_initializer(graph, np.zeros(scale.shape, np.int8), fresh_name(graph, base, "weight_zero_point"))
+        wscale = add_initializer(graph, scale, fresh_name(graph, base, "weight_scale"))
+        new = []
+        if x not in shared:
+            dql = ir.node("DynamicQuantizeLinear", [x], num_outputs=3, name=f"{base}.quantize_input")
+            new.append(dql)
+            shared[x] = tuple(dql.outputs)
+        xq, xscale, xzp = shared[x]
+        acc = ir.node("MatMulInteger", [xq, wq, xzp, wzp], name=f"{base}.int8")
+        as_float = ir.node("Cast", [acc.outputs[0]], {"to": ir.DataType.FLOAT}, name=f"{base}.cast")
+        scales = ir.node("Mul", [xscale, wscale], name=f"{base}.scale")
+        out = ir.node("Mul", [as_float.outputs[0], scales.outputs[0]], name=f"{base}.dequantize")
+        new += [acc, as_float, scales, out]
+        if bias is not None:
+            b = add_initializer(graph, bias, fresh_name(graph, base, "bias"))
+            new.append(ir.node("Add", [out.outputs[0], b], name=f"{base}.bias"))
+        _replace(node, new)
+        return True
+
+    def _gather(self, node: ir.Node) -> bool:
+        table = constant(node.inputs[0])
+        indices = node.inputs[1]
+        if table is None or table.dtype != np.float32 or table.ndim != 2 or node.attributes.get_int("axis", 0) != 0:
+            return False
+        if indices is None or rank(indices) is None:
+            return False
+        q, scale = quantize_symmetric(table, 1 if self.per_channel else None, reduce_range=False)
+        graph = node.graph
+        base = node.name or "gather"
+        tq = add_initializer(graph, q, fresh_name(graph, base, "table_int8"))
+        ts = add_initializer(graph, scale, fresh_name(graph, base, "table_scale"))
+        tzp = add_initializer(graph, np.zeros(scale.shape, np.int8), fresh_name(graph, base, "table_zero_point"))
+        lookup = ir.node("Gather", [tq, indices], {"axis": 0}, name=f"{base}.int8")
+        attributes = {"axis": -1} if self.per_channel else {}
+        dq = ir.node("DequantizeLinear", [lookup.outputs[0], ts, tzp], attributes, name=f"{base}.dequantize")
+        _replace(node, [lookup, dq])
+        return True
+
+
+def _split(spec: str) -> list[str]:
+    return [s.strip() for s in spec.split("|") if s.strip()]
+
+
+def _refuse_quantized(model: ir.Model) -> None:
+    found = sorted({n.op_type for g in graphs_of(model) for n in g if n.op_type in QUANTIZED_OPS})
+    if found:
+        raise UsageError(f"pass quant: the model is already quantized ({', '.join(found)}); quantize the float model instead")
+
+
+def _weight(node: ir.Node) -> tuple[ir.Value, np.ndarray, np.ndarray | None] | None:
+    """(input, float32 weight [K, N], bias [N] or None) of a MatMul or Gemm this pass can quantize."""
+    x = node.inputs[0]
+    if x is None or x.dtype != ir.DataType.FLOAT:
+        return None
+    w = constant(node.inputs[1])
+    if w is None or w.dtype != np.float32 or w.ndim != 2:
+        return None
+    if node.op_type == "MatMul":
+        return x, w, None
+    a = node.attributes
+    if a.get_int("transA", 0) or rank(x) != 2:
+        return None
+    w = w.T if a.get_int("transB", 0) else w
+    w = w * np.float32(a.get_float("alpha", 1.0))
+    bias = constant(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2] is not None else None
+    if len(node.inputs) > 2 and node.inputs[2] is not None:
+        if bias is None or bias.size not in (1, w.shape[1]) or bias.ndim > 1:
+            return None
+        bias = np.broadcast_to(bias.astype(np.float32) * np.float32(a.get_float("beta", 1.0)), (w.shape[1],)).copy()
+    return x, np.ascontiguousarray(w), bias
+
+
+def _replace(node: ir.Node, new: list[ir.Node]) -> None:
+    """``new`` (in order) computes what ``node`` did; its last node takes over ``node``'s output."""
+    node.graph.insert_before(node, new)
+    old, out = node.outputs[0], new[-1].outputs[0]
+    out.shape, out.type = old.shape, old.type
+    replace_value(old, out)
+    graph = node.graph
+    weights = [v for v in node.inputs if v is not None and v.const_value is not None]
+    graph.remove(node, safe=True)
+    for v in weights:  # the float weights this node alone read
+        if not v.uses() and not v.is_graph_input() and not v.is_graph_output() and v.name in graph.initializers:
+            graph.initializers.pop(v.name)
