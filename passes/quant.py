@@ -18,6 +18,7 @@ import onnx_ir as ir
 from onnxopt.errors import UsageError
 from onnxopt.passbase import Option, OptPass
 
+from ._calibrate import channel_max, outlier_channels
 from ._common import add_initializer, constant, fresh_name, graphs_of, is_standard, lift_constants, rank, replace_value
 from ._quant_math import quantize_symmetric
 
@@ -38,6 +39,9 @@ class Quantize(OptPass):
         Option("op_types", str, "MatMul|Gemm|Gather", "op types to quantize, separated by |"),
         Option("exclude", str, "", "node names or regexes to keep in float, separated by |"),
         Option("reduce_range", bool, False, "7-bit weights, for CPUs without VNNI whose int8 kernels saturate"),
+        Option("calib", str, "", "calibration data (.npz or folder, as validate's --inputs): finds outlier channels"),
+        Option("outliers", float, 4.0, "with calib: channels whose range exceeds this many times the median channel's stay float (0: off)"),
+        Option("max_outliers", int, 8, "at most this many float channels per quantized input"),
         Option("min_cosine", float, 0.99, "fidelity budget: the least output cosine the check accepts"),
     )
 
@@ -62,6 +66,7 @@ class Quantize(OptPass):
         _refuse_quantized(model)
         lift_constants(model)
         wanted = set(_split(self.op_types))
+        self._outliers = self._find_outliers(model, wanted) if self.calib else {}
         modified = False
         for graph in graphs_of(model):
             shared: dict[ir.Value, tuple[ir.Value, ir.Value, ir.Value]] = {}
@@ -74,6 +79,14 @@ class Quantize(OptPass):
                     modified |= self._matmul(node, shared)
         return ir.passes.PassResult(model, modified)
 
+    def _find_outliers(self, model: ir.Model, wanted: set[str]) -> dict[ir.Value, np.ndarray]:
+        """Per quantized input, the channels whose range dwarfs the rest (per-tensor int8 would lose the rest)."""
+        xs = {node.inputs[0] for node in model.graph
+              if is_standard(node, *wanted) and node.op_type != "Gather" and not self._excluded(node) and _weight(node)}
+        ranges = channel_max(model, list(xs), self.calib)
+        found = {x: outlier_channels(ranges[x.name], self.outliers, self.max_outliers) for x in xs if x.name in ranges}
+        return {x: cols for x, cols in found.items() if cols.size}
+
     def _excluded(self, node: ir.Node) -> bool:
         return any(p.fullmatch(node.name or "") for p in self._exclude)
 
@@ -82,29 +95,52 @@ class Quantize(OptPass):
         if weight is None:
             return False
         x, w, bias = weight
-        axis = 1 if self.per_channel else None
-        q, scale = quantize_symmetric(w, axis, reduce_range=self.reduce_range)
         graph = node.graph
         base = node.name or "quant"
+        cols = self._outliers.get(x)
+        if cols is not None:
+            w, kept = w.copy(), w[cols]
+            w[cols] = 0
+        axis = 1 if self.per_channel else None
+        q, scale = quantize_symmetric(w, axis, reduce_range=self.reduce_range)
         wq = add_initializer(graph, q, fresh_name(graph, base, "weight_int8"))
         wzp = add_initializer(graph, np.zeros(scale.shape, np.int8), fresh_name(graph, base, "weight_zero_point"))
         wscale = add_initializer(graph, scale, fresh_name(graph, base, "weight_scale"))
         new = []
         if x not in shared:
-            dql = ir.node("DynamicQuantizeLinear", [x], num_outputs=3, name=f"{base}.quantize_input")
-            new.append(dql)
-            shared[x] = tuple(dql.outputs)
-        xq, xscale, xzp = shared[x]
+            new += self._quantize_input(x, cols, w.shape[0], base, shared)
+        xq, xscale, xzp, outlying = shared[x]
         acc = ir.node("MatMulInteger", [xq, wq, xzp, wzp], name=f"{base}.int8")
         as_float = ir.node("Cast", [acc.outputs[0]], {"to": ir.DataType.FLOAT}, name=f"{base}.cast")
         scales = ir.node("Mul", [xscale, wscale], name=f"{base}.scale")
         out = ir.node("Mul", [as_float.outputs[0], scales.outputs[0]], name=f"{base}.dequantize")
         new += [acc, as_float, scales, out]
+        if cols is not None:  # the outlier channels, in float
+            wf = add_initializer(graph, np.ascontiguousarray(kept), fresh_name(graph, base, "outlier_weight"))
+            rest = ir.node("MatMul", [outlying, wf], name=f"{base}.outliers")
+            out = ir.node("Add", [new[-1].outputs[0], rest.outputs[0]], name=f"{base}.with_outliers")
+            new += [rest, out]
         if bias is not None:
             b = add_initializer(graph, bias, fresh_name(graph, base, "bias"))
             new.append(ir.node("Add", [out.outputs[0], b], name=f"{base}.bias"))
         _replace(node, new)
         return True
+
+    def _quantize_input(self, x: ir.Value, cols: np.ndarray | None, k: int, base: str, shared: dict) -> list[ir.Node]:
+        """DynamicQuantizeLinear of ``x``; with outlier channels, of ``x`` without them, and those apart."""
+        if cols is None:
+            dql = ir.node("DynamicQuantizeLinear", [x], num_outputs=3, name=f"{base}.quantize_input")
+            shared[x] = (*dql.outputs, None)
+            return [dql]
+        graph = next(iter(x.uses())).node.graph
+        mask = np.ones(k, np.float32)
+        mask[cols] = 0
+        keep = ir.node("Mul", [x, add_initializer(graph, mask, fresh_name(graph, base, "inlier_mask"))], name=f"{base}.inliers")
+        pick = ir.node("Gather", [x, add_initializer(graph, cols, fresh_name(graph, base, "outlier_channels"))],
+                       {"axis": -1}, name=f"{base}.outliers_of_input")
+        dql = ir.node("DynamicQuantizeLinear", [keep.outputs[0]], num_outputs=3, name=f"{base}.quantize_input")
+        shared[x] = (*dql.outputs, pick.outputs[0])
+        return [keep, pick, dql]
 
     def _gather(self, node: ir.Node) -> bool:
         table = constant(node.inputs[0])

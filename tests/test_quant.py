@@ -158,3 +158,41 @@ def test_run_checks_the_fidelity_budget(tmp_path):
     assert cli("run", path, "--passes", "quant", "-o", tmp_path / "ok.onnx") == 0
     assert cli("run", path, "--passes", "quant(min_cosine=1)", "-o", tmp_path / "strict.onnx") == 1
     assert not (tmp_path / "strict.onnx").exists()
+
+
+def test_outlier_channels():
+    from onnxopt.passes._calibrate import outlier_channels
+
+    amax = np.array([1.0, 1.2, 30.0, 0.9, 9.0, 1.1, 50.0])
+    assert outlier_channels(amax, 4.0, 8).tolist() == [2, 4, 6]
+    assert outlier_channels(amax, 4.0, 2).tolist() == [2, 6]  # the largest first
+    assert outlier_channels(amax, 0, 8).size == 0
+
+
+def test_calibrated_outliers_stay_float(tmp_path):
+    """An input channel 100x larger than the rest would flatten per-tensor int8; with calib it stays float."""
+    w = rand(16, 8)
+    proto = matmul_model(w, shape=("n", 16))
+    x = rand(64, 16)
+    x[:, 5] *= 100
+    np.savez(tmp_path / "calib.npz", x=x[:32])
+    plain, _ = onnxopt.run(ir.serde.deserialize_model(proto), [Quantize(reduce_range=True)])
+    split, _ = onnxopt.run(ir.serde.deserialize_model(proto), [Quantize(reduce_range=True, calib=str(tmp_path / "calib.npz"))])
+    assert ops(split) == ["Mul", "Gather", "DynamicQuantizeLinear", "MatMulInteger", "Cast", "Mul", "Mul", "MatMul", "Add"]
+    test = x[32:]
+    expected = test @ w
+    # the int8 part is the numpy reference on the input without channel 5; channel 5 is exact
+    inliers = test.copy()
+    inliers[:, 5] = 0
+    w_in = w.copy()
+    w_in[5] = 0
+    got = run_proto(split, {"x": test})["y"]
+    np.testing.assert_allclose(got, reference(inliers, w_in) + np.outer(test[:, 5], w[5]), rtol=1e-4, atol=1e-4)
+    error = {name: np.abs(run_proto(m, {"x": test})["y"] - expected).mean() for name, m in [("plain", plain), ("split", split)]}
+    assert error["split"] < error["plain"] / 10
+
+
+def test_calib_errors(tmp_path):
+    proto = matmul_model(rand(16, 8))
+    with pytest.raises(UsageError, match="does not exist"):
+        onnxopt.run(ir.serde.deserialize_model(proto), [Quantize(calib=str(tmp_path / "none.npz"))])
