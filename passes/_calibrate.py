@@ -3,6 +3,8 @@ one batch at a time (memory does not grow with the number of samples)."""
 
 from __future__ import annotations
 
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -13,40 +15,50 @@ from onnxopt import inputs, runtime
 from onnxopt.errors import UsageError
 
 BATCH = 16  # rows of the calibration data per run
+RANDOM_SAMPLES = 8
 
 
-def channel_max(model: ir.Model, values: list[ir.Value], calib: str) -> dict[str, np.ndarray]:
-    """max |x| of every channel (last axis) of each float value, over the calibration data."""
-    path = Path(calib)
-    if not path.exists():
-        raise UsageError(f"pass quant: calib {calib} does not exist")
-    graph = model.graph
+def run_values(model: ir.Model, values: list[ir.Value], calib: str) -> Iterator[dict[str, np.ndarray]]:
+    """For each batch of the calibration data, the float ``values`` (and the inputs) by name."""
+    if calib == "random":
+        warnings.warn("pass quant: calibrating on random inputs (calib=random): the ranges will not match real data; "
+                      "pass calib=PATH with real samples for a model you will ship", stacklevel=2)
+        spec = inputs.InputSpec(samples=RANDOM_SAMPLES)
+    else:
+        path = Path(calib)
+        if not path.exists():
+            raise UsageError(f"pass quant: calib {calib} does not exist")
+        spec = inputs.InputSpec(data=path, batch=BATCH)
     wanted = [v for v in values if v.name and v.dtype == ir.DataType.FLOAT]
     proto = ir.serde.serialize_model(model)
-    outputs = {o.name for o in proto.graph.output}
-    inputs_by_name = {v.name for v in graph.inputs}
+    present = {o.name for o in proto.graph.output} | {i.name for i in proto.graph.input}
     for v in wanted:
-        if v.name not in outputs and v.name not in inputs_by_name:
+        if v.name not in present:
             proto.graph.output.append(onnx.helper.make_tensor_value_info(v.name, onnx.TensorProto.FLOAT, None))
     sess = runtime.session(proto.SerializeToString(), optimize=True)
     del proto
     names = [o.name for o in sess.get_outputs()]
-    found: dict[str, np.ndarray] = {}
     notices: list[str] = []
-    spec = inputs.InputSpec(data=path, batch=BATCH)
     runs = 0
     for feeds in spec.batches(model, notices):
         results = dict(zip(names, sess.run(None, feeds)))
         results.update(feeds)
-        for v in wanted:
-            x = results.get(v.name)
-            if x is None or x.ndim == 0:
-                continue
-            m = np.abs(x.reshape(-1, x.shape[-1])).max(0)
-            found[v.name] = np.maximum(found[v.name], m) if v.name in found else m
         runs += 1
+        yield results
     if not runs:
         raise UsageError(f"pass quant: calib {calib} holds no samples for this model's inputs")
+
+
+def channel_max(model: ir.Model, values: list[ir.Value], calib: str) -> dict[str, np.ndarray]:
+    """max |x| of every channel (last axis) of each float value, over the calibration data."""
+    found: dict[str, np.ndarray] = {}
+    names = {v.name for v in values}
+    for results in run_values(model, values, calib):
+        for name, x in results.items():
+            if name not in names or x.ndim == 0:
+                continue
+            m = np.abs(x.reshape(-1, x.shape[-1])).max(0)
+            found[name] = np.maximum(found[name], m) if name in found else m
     return found
 
 

@@ -19,22 +19,24 @@ from onnxopt.errors import UsageError
 from onnxopt.passbase import Option, OptPass
 
 from ._calibrate import channel_max, outlier_channels
-from ._common import add_initializer, constant, fresh_name, graphs_of, is_standard, lift_constants, rank, replace_value
+from ._common import add_initializer, constant, fresh_name, graphs_of, infer_shapes, is_standard, lift_constants, rank, replace_value
 from ._quant_math import quantize_symmetric
+from ._quant_static import quantize_static
 
 QUANTIZED_OPS = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "MatMulInteger", "ConvInteger",
                  "QLinearConv", "QLinearMatMul", "DynamicQuantizeMatMul", "MatMulIntegerToFloat", "MatMulNBits",
                  "GatherBlockQuantized", "QGemm", "QAttention"}
-MODES = ("dynamic",)
+MODES = ("dynamic", "static")
+METHODS = ("minmax", "percentile", "entropy")
 OP_TYPES = ("MatMul", "Gemm", "Gather")
 
 
 class Quantize(OptPass):
     name = "quant"
-    summary = "int8 quantization: dynamic (int8 weights per output channel, activations quantized at run time) for MatMul, Gemm and embedding Gathers."
+    summary = "int8 quantization: dynamic (int8 weights per output channel, activations at run time) or static QDQ with calibrated ranges."
     exact = False
     options = (
-        Option("mode", str, "dynamic", "dynamic: int8 weights, activations quantized at run time"),
+        Option("mode", str, "dynamic", "dynamic (int8 weights, activations quantized at run time) or static (QDQ, ranges from calib)"),
         Option("per_channel", bool, True, "one weight scale per output channel (else one per tensor)"),
         Option("op_types", str, "MatMul|Gemm|Gather", "op types to quantize, separated by |"),
         Option("exclude", str, "", "node names or regexes to keep in float, separated by |"),
@@ -42,6 +44,9 @@ class Quantize(OptPass):
         Option("calib", str, "", "calibration data (.npz or folder, as validate's --inputs): finds outlier channels"),
         Option("outliers", float, 4.0, "with calib: channels whose range exceeds this many times the median channel's stay float (0: off)"),
         Option("max_outliers", int, 8, "at most this many float channels per quantized input"),
+        Option("method", str, "percentile", "static: how calibration sets ranges: minmax, percentile or entropy"),
+        Option("percentile", float, 99.99, "static, method=percentile: the percentile of each tail kept"),
+        Option("activation_type", str, "uint8", "static: uint8 or int8 activations"),
         Option("min_cosine", float, 0.99, "fidelity budget: the least output cosine the check accepts"),
     )
 
@@ -56,6 +61,14 @@ class Quantize(OptPass):
             self._exclude = [re.compile(p) for p in _split(self.exclude)]
         except re.error as e:
             raise UsageError(f"pass quant: exclude has a bad regex: {e}") from None
+        if self.method not in METHODS:
+            raise UsageError(f"pass quant: method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        if self.activation_type not in ("uint8", "int8"):
+            raise UsageError(f"pass quant: activation_type must be uint8 or int8, got {self.activation_type!r}")
+        if not 50 < self.percentile <= 100:
+            raise UsageError(f"pass quant: percentile must be in (50, 100], got {self.percentile}")
+        if self.mode == "static" and not self.calib:
+            raise UsageError("pass quant: mode=static needs calibration data: calib=PATH (.npz or folder), or calib=random")
         if not 0 < self.min_cosine <= 1:
             raise UsageError(f"pass quant: min_cosine must be in (0, 1], got {self.min_cosine}")
 
@@ -65,13 +78,16 @@ class Quantize(OptPass):
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         _refuse_quantized(model)
         lift_constants(model)
+        if self.mode == "static":
+            infer_shapes(model)
+            return ir.passes.PassResult(model, quantize_static(model, self))
         wanted = set(_split(self.op_types))
         self._outliers = self._find_outliers(model, wanted) if self.calib else {}
         modified = False
         for graph in graphs_of(model):
             shared: dict[ir.Value, tuple[ir.Value, ir.Value, ir.Value]] = {}
             for node in list(graph):
-                if node.graph is not graph or not is_standard(node, *wanted) or self._excluded(node):
+                if node.graph is not graph or not is_standard(node, *wanted) or self.excluded(node):
                     continue
                 if node.op_type == "Gather":
                     modified |= self._gather(node)
@@ -82,12 +98,12 @@ class Quantize(OptPass):
     def _find_outliers(self, model: ir.Model, wanted: set[str]) -> dict[ir.Value, np.ndarray]:
         """Per quantized input, the channels whose range dwarfs the rest (per-tensor int8 would lose the rest)."""
         xs = {node.inputs[0] for node in model.graph
-              if is_standard(node, *wanted) and node.op_type != "Gather" and not self._excluded(node) and _weight(node)}
+              if is_standard(node, *wanted) and node.op_type != "Gather" and not self.excluded(node) and _weight(node)}
         ranges = channel_max(model, list(xs), self.calib)
         found = {x: outlier_channels(ranges[x.name], self.outliers, self.max_outliers) for x in xs if x.name in ranges}
         return {x: cols for x, cols in found.items() if cols.size}
 
-    def _excluded(self, node: ir.Node) -> bool:
+    def excluded(self, node: ir.Node) -> bool:
         return any(p.fullmatch(node.name or "") for p in self._exclude)
 
     def _matmul(self, node: ir.Node, shared: dict) -> bool:
@@ -96,7 +112,7 @@ class Quantize(OptPass):
             return False
         x, w, bias = weight
         graph = node.graph
-        base = node.name or "quant"
+        base = node.name or node.outputs[0].name or "quant"
         cols = self._outliers.get(x)
         if cols is not None:
             w, kept = w.copy(), w[cols]
@@ -151,7 +167,7 @@ class Quantize(OptPass):
             return False
         q, scale = quantize_symmetric(table, 1 if self.per_channel else None, reduce_range=False)
         graph = node.graph
-        base = node.name or "gather"
+        base = node.name or node.outputs[0].name or "gather"
         tq = add_initializer(graph, q, fresh_name(graph, base, "table_int8"))
         ts = add_initializer(graph, scale, fresh_name(graph, base, "table_scale"))
         tzp = add_initializer(graph, np.zeros(scale.shape, np.int8), fresh_name(graph, base, "table_zero_point"))

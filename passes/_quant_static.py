@@ -1,0 +1,167 @@
+"""Static int8 in QDQ form: QuantizeLinear → DequantizeLinear pairs on activations with ranges from
+calibration, int8 weights (per output channel) and int32 biases behind DequantizeLinear.
+
+Placement follows what onnxruntime's CPU QDQ transformer turns into integer kernels: a node of
+``INTEGER_OPS`` runs in int8 only when every data input comes from a DequantizeLinear and every output
+goes to a QuantizeLinear, so each tensor that such a node reads or writes gets one Q→DQ pair and all its
+readers read the DQ: no float detours between two integer kernels. Data-movement ops (Reshape,
+Transpose, ...) sit between a DQ and a Q that onnxruntime drops.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+
+from ._calib_ranges import RangeCollector
+from ._calibrate import run_values
+from ._common import add_initializer, constant, fresh_name, is_standard
+from ._quant_math import quantize_symmetric
+
+# op type -> indices of its data inputs (the rest are weights, biases, shapes)
+INTEGER_OPS = {
+    "Conv": (0,), "MatMul": (0, 1), "Gemm": (0,), "Add": (0, 1), "Mul": (0, 1), "Sigmoid": (0,),
+    "Concat": None, "MaxPool": (0,), "AveragePool": (0,), "GlobalAveragePool": (0,), "Resize": (0,),
+    "Reshape": (0,), "Transpose": (0,), "Squeeze": (0,), "Unsqueeze": (0,), "Flatten": (0,),
+    "Split": (0,), "Slice": (0,), "LeakyRelu": (0,), "Softmax": (0,),
+}
+WEIGHTED = ("Conv", "MatMul", "Gemm")
+
+
+def data_inputs(node: ir.Node) -> list[ir.Value]:
+    indices = INTEGER_OPS[node.op_type]
+    picked = node.inputs if indices is None else [node.inputs[i] for i in indices if i < len(node.inputs)]
+    return [v for v in picked if v is not None and constant(v) is None and v.dtype == ir.DataType.FLOAT]
+
+
+def candidates(graph: ir.Graph, excluded) -> tuple[list[ir.Node], list[ir.Value]]:
+    """The nodes to run in int8 and the activations to quantize, in graph order."""
+    nodes = [n for n in graph if is_standard(n, *INTEGER_OPS) and not excluded(n) and _supported(n)]
+    values: dict[ir.Value, None] = {}
+    for node in nodes:
+        for v in data_inputs(node):
+            values[v] = None
+        for v in node.outputs:
+            if v.dtype == ir.DataType.FLOAT:
+                values[v] = None
+    return nodes, [v for v in values if not v.is_graph_input() or v.producer() is None]
+
+
+def _supported(node: ir.Node) -> bool:
+    if node.op_type in WEIGHTED:
+        w = constant(node.inputs[1]) if len(node.inputs) > 1 else None
+        if node.op_type == "MatMul":
+            return w is None or (w.ndim == 2 and w.dtype == np.float32)
+        if w is None or w.dtype != np.float32:
+            return False
+        if node.op_type == "Gemm":
+            a = node.attributes
+            return not a.get_int("transA", 0) and a.get_float("alpha", 1.0) == 1.0 and a.get_float("beta", 1.0) == 1.0
+    return True
+
+
+def calibrate(model: ir.Model, values: list[ir.Value], calib: str, method: str, percentile: float) -> dict[ir.Value, tuple[float, float]]:
+    collectors = {v.name: RangeCollector() for v in values}
+    for results in run_values(model, values, calib):
+        for name, x in results.items():
+            if name in collectors:
+                collectors[name].update(x)
+    return {v: collectors[v.name].range(method, percentile) for v in values}
+
+
+def activation_params(lo: float, hi: float, dtype: str) -> tuple[np.float32, np.ndarray]:
+    """Scale and zero point of an asymmetric uint8 (or int8) range that holds 0 exactly."""
+    lo, hi = min(lo, 0.0), max(hi, 0.0)
+    scale = np.float32((hi - lo) / 255.0) if hi > lo else np.float32(1.0)
+    if dtype == "uint8":
+        return scale, np.array(np.clip(np.rint(-lo / scale), 0, 255), np.uint8)
+    return scale, np.array(np.clip(np.rint(-128 - lo / scale), -128, 127), np.int8)
+
+
+def insert_qdq(graph: ir.Graph, value: ir.Value, scale: np.float32, zero_point: np.ndarray) -> ir.Value:
+    """Q(value) → DQ; every reader of ``value`` reads the DQ instead. Returns the DQ's output."""
+    base = value.name or "act"
+    readers = [(u.node, u.idx) for u in value.uses()]
+    s = add_initializer(graph, np.array(scale, np.float32), fresh_name(graph, base, "scale"))
+    z = add_initializer(graph, zero_point, fresh_name(graph, base, "zero_point"))
+    q = ir.node("QuantizeLinear", [value, s, z], name=f"{base}.quantize")
+    dq = ir.node("DequantizeLinear", [q.outputs[0], s, z], name=f"{base}.dequantize")
+    out = dq.outputs[0]
+    out.type, out.shape = value.type, value.shape
+    producer = value.producer()
+    if producer is not None:
+        graph.insert_after(producer, [q, dq])
+    else:
+        graph.insert_before(graph[0], [q, dq])
+    for node, index in readers:
+        node.replace_input_with(index, out)
+    if value.is_graph_output():  # the output keeps its name and now comes out of the DQ
+        name = value.name
+        value.name = fresh_name(graph, name, "float")
+        out.name = name
+        graph.outputs[graph.outputs.index(value)] = out
+    return out
+
+
+def quantize_weights(node: ir.Node, x_scale: np.float32, per_channel: bool, opset: int) -> None:
+    """The node's weight becomes DQ(int8) and its bias DQ(int32 at x_scale × weight scale)."""
+    graph = node.graph
+    w = constant(node.inputs[1])
+    if w is None:
+        return
+    axis = {"Conv": 0, "MatMul": 1, "Gemm": 0 if node.attributes.get_int("transB", 0) else 1}[node.op_type]
+    per_channel = per_channel and opset >= 13
+    q, scale = quantize_symmetric(w, axis if per_channel else None)
+    base = node.name or node.outputs[0].name or node.op_type
+    attrs = {"axis": axis} if per_channel else {}
+    zero = np.zeros(scale.shape, np.int8)
+    dq = ir.node("DequantizeLinear", [add_initializer(graph, q, fresh_name(graph, base, "weight_int8")),
+                                      add_initializer(graph, scale, fresh_name(graph, base, "weight_scale")),
+                                      add_initializer(graph, zero, fresh_name(graph, base, "weight_zero_point"))],
+                 attrs, name=f"{base}.weight")
+    graph.insert_before(node, dq)
+    node.replace_input_with(1, dq.outputs[0])
+    b = constant(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2] is not None else None
+    if b is None or b.ndim != 1:
+        return
+    bias_scale = (np.float64(x_scale) * scale.astype(np.float64)).astype(np.float32)
+    bias_scale = np.broadcast_to(bias_scale, b.shape).copy() if per_channel else bias_scale
+    bq = np.clip(np.rint(b / bias_scale), -(2**31), 2**31 - 1).astype(np.int32)
+    battrs = {"axis": 0} if per_channel else {}
+    bdq = ir.node("DequantizeLinear", [add_initializer(graph, bq, fresh_name(graph, base, "bias_int32")),
+                                       add_initializer(graph, bias_scale, fresh_name(graph, base, "bias_scale")),
+                                       add_initializer(graph, np.zeros(bias_scale.shape, np.int32), fresh_name(graph, base, "bias_zero_point"))],
+                  battrs, name=f"{base}.bias")
+    graph.insert_before(node, bdq)
+    node.replace_input_with(2, bdq.outputs[0])
+
+
+def quantize_static(model: ir.Model, options) -> bool:
+    graph = model.graph
+    opset = model.opset_imports.get("", 1)
+    if opset < 10:
+        return False
+    nodes, values = candidates(graph, options.excluded)
+    if not nodes:
+        return False
+    ranges = calibrate(model, values, options.calib, options.method, options.percentile)
+    scales = {}
+    for v in values:
+        scale, zero_point = activation_params(*ranges[v], options.activation_type)
+        scales[v] = scale
+        insert_qdq(graph, v, scale, zero_point)
+    for node in nodes:
+        if node.op_type in WEIGHTED:
+            x = node.inputs[0]
+            source = x.producer().inputs[0].producer().inputs[0] if x.producer() is not None and x.producer().op_type == "DequantizeLinear" else x
+            if source in scales:
+                quantize_weights(node, scales[source], options.per_channel, opset)
+    _drop_unused(graph)
+    return True
+
+
+def _drop_unused(graph: ir.Graph) -> None:
+    for name, v in list(graph.initializers.items()):
+        if not v.uses() and not v.is_graph_input() and not v.is_graph_output():
+            graph.initializers.pop(name)
+
