@@ -26,6 +26,9 @@ INTEGER_OPS = {
     "Split": (0,), "Slice": (0,), "LeakyRelu": (0,), "Softmax": (0,),
 }
 WEIGHTED = ("Conv", "MatMul", "Gemm")
+# Ops that only move or select values: onnxruntime drops their Q/DQ (or runs them in int8) only when the
+# output's scale and zero point are the input's, which also makes them exact in int8.
+SAME_SCALE = ("Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten", "Split", "Slice", "MaxPool", "Resize")
 
 
 def data_inputs(node: ir.Node) -> list[ir.Value]:
@@ -145,11 +148,12 @@ def quantize_static(model: ir.Model, options) -> bool:
     if not nodes:
         return False
     ranges = calibrate(model, values, options.calib, options.method, options.percentile)
-    scales = {}
+    params: dict[ir.Value, tuple] = {}
     for v in values:
-        scale, zero_point = activation_params(*ranges[v], options.activation_type)
-        scales[v] = scale
-        insert_qdq(graph, v, scale, zero_point)
+        params[v] = _inherited(v, params) or activation_params(*ranges[v], options.activation_type)
+    for v in values:
+        insert_qdq(graph, v, *params[v])
+    scales = {v: p[0] for v, p in params.items()}
     for node in nodes:
         if node.op_type in WEIGHTED:
             x = node.inputs[0]
@@ -158,6 +162,14 @@ def quantize_static(model: ir.Model, options) -> bool:
                 quantize_weights(node, scales[source], options.per_channel, opset)
     _drop_unused(graph)
     return True
+
+
+def _inherited(value: ir.Value, params: dict) -> tuple | None:
+    """The input's quantization, for the output of an op that only moves values."""
+    node = value.producer()
+    if node is None or not is_standard(node, *SAME_SCALE) or not node.inputs or node.inputs[0] not in params:
+        return None
+    return params[node.inputs[0]]
 
 
 def _drop_unused(graph: ir.Graph) -> None:

@@ -92,3 +92,19 @@ def test_static_needs_calibration_data(tmp_path):
         warnings.simplefilter("always")
         onnxopt.run(ir.serde.deserialize_model(conv_silu_model()), [Quantize(mode="static", calib="random")])
     assert any("random inputs" in str(w.message) for w in caught)
+
+
+def test_data_movement_keeps_the_input_scale(calib):
+    """Reshape/MaxPool outputs reuse their input's scale, so onnxruntime runs them on int8 directly."""
+    w = (RNG.standard_normal((4, 3, 3, 3)) * 0.3).astype(np.float32)
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]),
+             helper.make_node("MaxPool", ["c"], ["p"], kernel_shape=[2, 2], strides=[2, 2]),
+             helper.make_node("Conv", ["p", "w2"], ["y"])]
+    proto = make_model(nodes, [("x", F, ["n", 3, 16, 16])], [("y", F, ["n", 2, 8, 8])],
+                       {"w": w, "w2": (RNG.standard_normal((2, 4, 1, 1)) * 0.3).astype(np.float32)})
+    model, _ = onnxopt.run(ir.serde.deserialize_model(proto), [Quantize(mode="static", calib=calib)])
+    pool = next(n for n in model.graph if n.op_type == "MaxPool")
+    before = pool.inputs[0].producer()  # the DQ of the first Conv's output
+    after = next(u.node for u in pool.outputs[0].uses())  # the Q of the pool's output
+    for i in (1, 2):
+        assert before.inputs[i].const_value.numpy() == after.inputs[i].const_value.numpy()
