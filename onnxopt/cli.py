@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import warnings
 from pathlib import Path
 
 import click
@@ -319,9 +320,14 @@ def zoo_fetch(name, force):
     click.echo(zoo.fetch(name, force=force))
 
 
+def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    click.echo(f"warning: {message}", err=True)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: user mistakes become one line on stderr and exit 2; failed checks exit 1."""
     logging.getLogger("onnx_ir").setLevel(logging.ERROR)  # its notes on skipped rewrites are not the user's concern
+    warnings.showwarning = _one_line_warning
     try:
         cli.main(args=argv, prog_name="onnxopt", standalone_mode=False)
     except click.exceptions.Exit as e:

@@ -108,3 +108,15 @@ def test_data_movement_keeps_the_input_scale(calib):
     after = next(u.node for u in pool.outputs[0].uses())  # the Q of the pool's output
     for i in (1, 2):
         assert before.inputs[i].const_value.numpy() == after.inputs[i].const_value.numpy()
+
+
+def test_cli_warns_in_one_line(tmp_path, capsys):
+    from helpers import cli
+
+    path = tmp_path / "m.onnx"
+    onnx.save(conv_silu_model(), str(path))
+    assert cli("run", path, "--passes", "quant(mode=static,calib=random)", "--shape", "x=1,3,16,16", "-o", tmp_path / "q.onnx") == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("warning: pass quant: calibrating on random inputs")
+    assert cli("run", path, "--passes", "quant(mode=static)", "-o", tmp_path / "r.onnx") == 2
+    assert capsys.readouterr().err.strip() == "error: pass quant: mode=static needs calibration data: calib=PATH (.npz or folder), or calib=random"
