@@ -52,6 +52,9 @@ def run_cmd(model, pass_spec, output, report_path, shapes, no_check, atol, rtol,
         size_before, size_after = io.file_size(model), io.file_size(staged)
         for table in report.run_tables(run_report, size_before, size_after):
             out.print(table)
+        for record in run_report.passes:
+            for note in record.notes:
+                out.print(f"{record.name}: {note}", markup=False)
         results = []
         if not no_check:
             feeds, notices = inputs.generate(graph, shape_map)

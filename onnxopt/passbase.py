@@ -83,6 +83,10 @@ class OptPass(ir.passes.InPlacePass):
         """Extra lines for ``onnxopt passes NAME`` (the rules of a pass made of rules, say)."""
         return []
 
+    def notes(self) -> list[str]:
+        """What the last run decided that a user should know (shown after the run, kept in the report)."""
+        return []
+
     def fidelity(self) -> float | None:
         """For a lossy pass, the least output cosine its result may have against its input."""
         return None

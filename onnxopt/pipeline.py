@@ -25,6 +25,7 @@ class PassRecord:
     modified: bool = False
     rounds: int = 0
     delta: dict[str, int] = dataclasses.field(default_factory=dict)
+    notes: list[str] = dataclasses.field(default_factory=list)
 
     def add(self, seconds: float, modified: bool, delta: dict[str, int]) -> None:
         self.seconds += seconds
@@ -104,6 +105,7 @@ def run(
             seconds = time.perf_counter() - t
             after = Stats.of(model)
             records[id(p)].add(seconds, modified, current.delta(after))
+            records[id(p)].notes = p.notes() or records[id(p)].notes
             current = after
             if not same_interface(expected, signature(model)):
                 raise CheckFailed(f"pass {p!r} changed the model's inputs or outputs; refusing its result")

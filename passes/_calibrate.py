@@ -20,15 +20,7 @@ RANDOM_SAMPLES = 8
 
 def run_values(model: ir.Model, values: list[ir.Value], calib: str) -> Iterator[dict[str, np.ndarray]]:
     """For each batch of the calibration data, the float ``values`` (and the inputs) by name."""
-    if calib == "random":
-        warnings.warn("pass quant: calibrating on random inputs (calib=random): the ranges will not match real data; "
-                      "pass calib=PATH with real samples for a model you will ship", stacklevel=2)
-        spec = inputs.InputSpec(samples=RANDOM_SAMPLES)
-    else:
-        path = Path(calib)
-        if not path.exists():
-            raise UsageError(f"pass quant: calib {calib} does not exist")
-        spec = inputs.InputSpec(data=path, batch=BATCH)
+    spec = _spec(calib, warn=True)
     wanted = [v for v in values if v.name and v.dtype == ir.DataType.FLOAT]
     proto = ir.serde.serialize_model(model)
     present = {o.name for o in proto.graph.output} | {i.name for i in proto.graph.input}
@@ -47,6 +39,23 @@ def run_values(model: ir.Model, values: list[ir.Value], calib: str) -> Iterator[
         yield results
     if not runs:
         raise UsageError(f"pass quant: calib {calib} holds no samples for this model's inputs")
+
+
+def _spec(calib: str, warn: bool = False, batch: int = BATCH) -> inputs.InputSpec:
+    if calib == "random":
+        if warn:
+            warnings.warn("pass quant: calibrating on random inputs (calib=random): the ranges will not match real data; "
+                          "pass calib=PATH with real samples for a model you will ship", stacklevel=3)
+        return inputs.InputSpec(samples=RANDOM_SAMPLES)
+    path = Path(calib)
+    if not path.exists():
+        raise UsageError(f"pass quant: calib {calib} does not exist")
+    return inputs.InputSpec(data=path, batch=batch)
+
+
+def first_batch(model: ir.Model, calib: str, rows: int) -> dict[str, np.ndarray]:
+    """The first ``rows`` samples of the calibration data, to check a quantized model against."""
+    return next(iter(_spec(calib, batch=rows).batches(model, [])))
 
 
 def channel_max(model: ir.Model, values: list[ir.Value], calib: str) -> dict[str, np.ndarray]:

@@ -14,7 +14,9 @@ import numpy as np
 import onnx_ir as ir
 
 from ._calib_ranges import RangeCollector
-from ._calibrate import run_values
+from onnxopt import runtime
+
+from ._calibrate import first_batch, run_values
 from ._common import add_initializer, constant, fresh_name, is_standard
 from ._quant_math import quantize_symmetric
 
@@ -26,6 +28,7 @@ INTEGER_OPS = {
     "Split": (0,), "Slice": (0,), "LeakyRelu": (0,), "Softmax": (0,),
 }
 WEIGHTED = ("Conv", "MatMul", "Gemm")
+EVAL_ROWS = 8  # calibration samples the accuracy search checks each candidate on
 # Ops that only move or select values: onnxruntime drops their Q/DQ (or runs them in int8) only when the
 # output's scale and zero point are the input's, which also makes them exact in int8.
 SAME_SCALE = ("Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten", "Split", "Slice", "MaxPool", "Resize")
@@ -63,13 +66,14 @@ def _supported(node: ir.Node) -> bool:
     return True
 
 
-def calibrate(model: ir.Model, values: list[ir.Value], calib: str, method: str, percentile: float) -> dict[ir.Value, tuple[float, float]]:
+def calibrate(model: ir.Model, values: list[ir.Value], calib: str, method: str, percentile: float) -> dict[str, tuple[float, float]]:
+    """The range of each value (by name) over the calibration data."""
     collectors = {v.name: RangeCollector() for v in values}
     for results in run_values(model, values, calib):
         for name, x in results.items():
             if name in collectors:
                 collectors[name].update(x)
-    return {v: collectors[v.name].range(method, percentile) for v in values}
+    return {name: c.range(method, percentile) for name, c in collectors.items()}
 
 
 def activation_params(lo: float, hi: float, dtype: str) -> tuple[np.float32, np.ndarray]:
@@ -139,18 +143,27 @@ def quantize_weights(node: ir.Node, x_scale: np.float32, per_channel: bool, opse
     node.replace_input_with(2, bdq.outputs[0])
 
 
-def quantize_static(model: ir.Model, options) -> bool:
+def quantize_static(model: ir.Model, options) -> tuple[bool, list[str]]:
+    """QDQ in place; returns whether the model changed and the node scopes kept in float for accuracy."""
+    if model.opset_imports.get("", 1) < 10:
+        return False, []
+    nodes, values = candidates(model.graph, options.excluded)
+    if not nodes:
+        return False, []
+    ranges = calibrate(model, values, options.calib, options.method, options.percentile)
+    float_copy = ir.serde.serialize_model(model)
+    kept = keep_float_for_accuracy(float_copy, options, ranges)
+    apply_qdq(model, options, ranges, lambda n: options.excluded(n) or scope(n) in kept)
+    return True, sorted(kept)
+
+
+def apply_qdq(model: ir.Model, options, ranges: dict[str, tuple[float, float]], excluded) -> None:
     graph = model.graph
     opset = model.opset_imports.get("", 1)
-    if opset < 10:
-        return False
-    nodes, values = candidates(graph, options.excluded)
-    if not nodes:
-        return False
-    ranges = calibrate(model, values, options.calib, options.method, options.percentile)
+    nodes, values = candidates(graph, excluded)
     params: dict[ir.Value, tuple] = {}
     for v in values:
-        params[v] = _inherited(v, params) or activation_params(*ranges[v], options.activation_type)
+        params[v] = _inherited(v, params) or activation_params(*ranges[v.name], options.activation_type)
     for v in values:
         insert_qdq(graph, v, *params[v])
     scales = {v: p[0] for v, p in params.items()}
@@ -161,7 +174,57 @@ def quantize_static(model: ir.Model, options) -> bool:
             if source in scales:
                 quantize_weights(node, scales[source], options.per_channel, opset)
     _drop_unused(graph)
-    return True
+
+
+def scope(node: ir.Node) -> str:
+    """The exporter's module path of a node (``/model.2/m.0/cv1/conv/Conv`` → ``/model.2/m.0/cv1/conv``)."""
+    name = node.name or node.outputs[0].name or ""
+    return name.rsplit("/", 1)[0] if "/" in name.strip("/") else name
+
+
+def keep_float_for_accuracy(float_proto, options, ranges: dict) -> set[str]:
+    """Scopes to leave in float so that the outputs keep ``min_cosine`` on calibration samples.
+
+    Quantized whole, the model is checked on the first calibration samples. Below the budget, each
+    scope is quantized alone to measure what it costs, and the costliest are kept in float, as few
+    as the budget allows (doubling, then bisecting, the number kept).
+    """
+    probe = ir.serde.deserialize_model(float_proto)
+    feeds = first_batch(probe, options.calib, EVAL_ROWS)
+    reference = _outputs(float_proto.SerializeToString(), feeds)
+
+    def cosine(kept: set[str]) -> float:
+        model = ir.serde.deserialize_model(float_proto)
+        apply_qdq(model, options, ranges, lambda n: options.excluded(n) or scope(n) in kept)
+        got = _outputs(ir.serde.serialize_model(model).SerializeToString(), feeds)
+        return min(_cos(reference[k], got[k]) for k in reference)
+
+    if cosine(set()) >= options.min_cosine:
+        return set()
+    scopes = list(dict.fromkeys(scope(n) for n in candidates(probe.graph, options.excluded)[0]))
+    every = set(scopes)
+    cost = {s: 1.0 - cosine(every - {s}) for s in scopes}
+    ranked = sorted(scopes, key=lambda s: -cost[s])
+    count = 1
+    while count < len(ranked) and cosine(set(ranked[:count])) < options.min_cosine:
+        count *= 2
+    low, high = count // 2, min(count, len(ranked))
+    while low + 1 < high:  # the fewest kept that meet the budget lies in (low, high]
+        middle = (low + high) // 2
+        low, high = (low, middle) if cosine(set(ranked[:middle])) >= options.min_cosine else (middle, high)
+    return set(ranked[:high])
+
+
+def _outputs(model: bytes, feeds: dict) -> dict[str, np.ndarray]:
+    sess = runtime.session(model, optimize=True)
+    names = [o.name for o in sess.get_outputs()]
+    return dict(zip(names, sess.run(None, {k: v for k, v in feeds.items() if k in {i.name for i in sess.get_inputs()}})))
+
+
+def _cos(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = a.astype(np.float64).ravel(), b.astype(np.float64).ravel()
+    denominator = np.linalg.norm(a) * np.linalg.norm(b)
+    return float(a @ b / denominator) if denominator else float(np.array_equal(a, b))
 
 
 def _inherited(value: ir.Value, params: dict) -> tuple | None:

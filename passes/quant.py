@@ -66,6 +66,12 @@ class Quantize(OptPass):
         if not 0 < self.min_cosine <= 1:
             raise UsageError(f"pass quant: min_cosine must be in (0, 1], got {self.min_cosine}")
 
+    def notes(self) -> list[str]:
+        kept = getattr(self, "kept_float", [])
+        if not kept:
+            return []
+        return [f"kept in float to hold min_cosine={self.min_cosine:g} on the calibration samples: {', '.join(kept)}"]
+
     def fidelity(self) -> float:
         return self.min_cosine
 
@@ -74,7 +80,8 @@ class Quantize(OptPass):
         lift_constants(model)
         if self.mode == "static":
             infer_shapes(model)
-            return ir.passes.PassResult(model, quantize_static(model, self))
+            modified, self.kept_float = quantize_static(model, self)
+            return ir.passes.PassResult(model, modified)
         wanted = set(_split(self.op_types))
         outliers = find_outliers(model, wanted, self) if self.calib else {}
         modified = False

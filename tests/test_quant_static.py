@@ -102,7 +102,7 @@ def test_data_movement_keeps_the_input_scale(calib):
              helper.make_node("Conv", ["p", "w2"], ["y"])]
     proto = make_model(nodes, [("x", F, ["n", 3, 16, 16])], [("y", F, ["n", 2, 8, 8])],
                        {"w": w, "w2": (RNG.standard_normal((2, 4, 1, 1)) * 0.3).astype(np.float32)})
-    model, _ = onnxopt.run(ir.serde.deserialize_model(proto), [Quantize(mode="static", calib=calib)])
+    model, _ = onnxopt.run(ir.serde.deserialize_model(proto), [Quantize(mode="static", calib=calib, min_cosine=0.5)])
     pool = next(n for n in model.graph if n.op_type == "MaxPool")
     before = pool.inputs[0].producer()  # the DQ of the first Conv's output
     after = next(u.node for u in pool.outputs[0].uses())  # the Q of the pool's output
@@ -120,3 +120,29 @@ def test_cli_warns_in_one_line(tmp_path, capsys):
     assert len(err) == 1 and err[0].startswith("warning: pass quant: calibrating on random inputs")
     assert cli("run", path, "--passes", "quant(mode=static)", "-o", tmp_path / "r.onnx") == 2
     assert capsys.readouterr().err.strip() == "error: pass quant: mode=static needs calibration data: calib=PATH (.npz or folder), or calib=random"
+
+
+def test_min_cosine_keeps_the_costliest_scopes_in_float(calib, tmp_path):
+    """A block whose int8 output is poor (a huge-range activation) is the one kept in float."""
+    proto = conv_silu_model()
+    names = ["/block0/conv/Conv", "/block0/act/Sigmoid", "/block0/act/Mul", "/head/conv/Conv"]
+    for node, name in zip(proto.graph.node, names):
+        node.name = name
+    w2 = next(i for i in proto.graph.initializer if i.name == "w2")
+    big = onnx.numpy_helper.to_array(w2).copy()
+    big[0, 0] = 400.0  # one output channel dwarfs the others: per-tensor int8 output loses the rest
+    w2.CopyFrom(onnx.numpy_helper.from_array(big, "w2"))
+    loose, _ = onnxopt.run(ir.serde.deserialize_model(proto), [Quantize(mode="static", calib=calib, min_cosine=0.5)])
+    strict = Quantize(mode="static", calib=calib, min_cosine=0.9999)
+    tight, report = onnxopt.run(ir.serde.deserialize_model(proto), [strict])
+    assert strict.kept_float and "/head/conv" in strict.kept_float
+    assert report.passes[0].notes[0].startswith("kept in float to hold min_cosine=0.9999") and "/head/conv" in report.passes[0].notes[0]
+    x = RNG.uniform(0, 1, (8, 3, 16, 16)).astype(np.float32)
+    expected = run_proto(proto, {"x": x})["y"]
+
+    def cos(m):
+        got = run_proto(m, {"x": x})["y"]
+        return float((got * expected).sum() / np.linalg.norm(got) / np.linalg.norm(expected))
+
+    assert cos(tight) > cos(loose) and cos(tight) > 0.999
+    assert ops(tight).count("QuantizeLinear") < ops(loose).count("QuantizeLinear")
