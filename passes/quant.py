@@ -16,6 +16,7 @@ from onnxopt.passbase import Option, OptPass
 from ._common import graphs_of, infer_shapes, is_standard, lift_constants
 from ._quant_dynamic import find_outliers, quantize_gather, quantize_matmul
 from ._quant_static import quantize_static
+from ._quant_tune import latencies, tuning_feeds
 
 QUANTIZED_OPS = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "MatMulInteger", "ConvInteger",
                  "QLinearConv", "QLinearMatMul", "DynamicQuantizeMatMul", "MatMulIntegerToFloat", "MatMulNBits",
@@ -41,6 +42,7 @@ class Quantize(OptPass):
         Option("method", str, "percentile", "static: how calibration sets ranges: minmax, percentile or entropy"),
         Option("percentile", float, 99.99, "static, method=percentile: the percentile of each tail kept"),
         Option("activation_type", str, "uint8", "static: uint8 or int8 activations"),
+        Option("tune", str, "off", "latency: time int8 against float in onnxruntime and keep int8 only if faster"),
         Option("min_cosine", float, 0.99, "fidelity budget: the least output cosine the check accepts"),
     )
 
@@ -63,25 +65,42 @@ class Quantize(OptPass):
             raise UsageError(f"pass quant: percentile must be in (50, 100], got {self.percentile}")
         if self.mode == "static" and not self.calib:
             raise UsageError("pass quant: mode=static needs calibration data: calib=PATH (.npz or folder), or calib=random")
+        if self.tune not in ("off", "latency"):
+            raise UsageError(f"pass quant: tune must be off or latency, got {self.tune!r}")
         if not 0 < self.min_cosine <= 1:
             raise UsageError(f"pass quant: min_cosine must be in (0, 1], got {self.min_cosine}")
 
     def notes(self) -> list[str]:
-        kept = getattr(self, "kept_float", [])
-        if not kept:
-            return []
-        return [f"kept in float to hold min_cosine={self.min_cosine:g} on the calibration samples: {', '.join(kept)}"]
+        notes = []
+        if getattr(self, "kept_float", None):
+            notes.append(f"kept in float to hold min_cosine={self.min_cosine:g} on the calibration samples: {', '.join(self.kept_float)}")
+        if getattr(self, "timed", None):
+            fp, q = self.timed
+            verdict = "kept int8" if q < fp else "int8 cannot speed up this model on this CPU: kept the float model"
+            notes.append(f"tune=latency: int8 p50 {q:.3f} ms vs float {fp:.3f} ms ({fp / q:.2f}x): {verdict}")
+        return notes
 
     def fidelity(self) -> float:
         return self.min_cosine
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         _refuse_quantized(model)
+        self.kept_float, self.timed = [], None
+        original = model.clone() if self.tune == "latency" else None
+        modified = self._quantize(model)
+        if original is not None and modified:
+            self.timed = latencies(original, model, tuning_feeds(original, self.calib))
+            if self.timed[1] >= self.timed[0]:  # int8 is not faster here: hand back the float model
+                model.graph = original.graph
+                modified = False
+        return ir.passes.PassResult(model, modified)
+
+    def _quantize(self, model: ir.Model) -> bool:
         lift_constants(model)
         if self.mode == "static":
             infer_shapes(model)
             modified, self.kept_float = quantize_static(model, self)
-            return ir.passes.PassResult(model, modified)
+            return modified
         wanted = set(_split(self.op_types))
         outliers = find_outliers(model, wanted, self) if self.calib else {}
         modified = False
@@ -94,7 +113,7 @@ class Quantize(OptPass):
                     modified |= quantize_gather(node, self)
                 else:
                     modified |= quantize_matmul(node, self, outliers, shared)
-        return ir.passes.PassResult(model, modified)
+        return modified
 
     def excluded(self, node: ir.Node) -> bool:
         return any(p.fullmatch(node.name or "") for p in self._exclude)

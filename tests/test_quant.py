@@ -196,3 +196,18 @@ def test_calib_errors(tmp_path):
     proto = matmul_model(rand(16, 8))
     with pytest.raises(UsageError, match="does not exist"):
         onnxopt.run(ir.serde.deserialize_model(proto), [Quantize(calib=str(tmp_path / "none.npz"))])
+
+
+def test_tune_latency_never_returns_a_slower_model():
+    """On a tiny MatMul the int8 form (five kernels instead of one) is slower: the float model comes back."""
+    proto = matmul_model(rand(4, 4), shape=(1, 4))
+    q = Quantize(tune="latency")
+    model, report = onnxopt.run(ir.serde.deserialize_model(proto), [q])
+    assert ops(model) == ["MatMul"]
+    fp, int8 = q.timed
+    assert int8 >= fp
+    assert "cannot speed up this model" in report.passes[0].notes[0]
+    x = rand(1, 4)
+    np.testing.assert_array_equal(run_proto(model, {"x": x})["y"], run_proto(proto, {"x": x})["y"])
+    with pytest.raises(UsageError, match="tune must be off or latency"):
+        Quantize(tune="fast")
