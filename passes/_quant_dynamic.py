@@ -39,7 +39,8 @@ def quantize_matmul(node: ir.Node, options, outliers: dict, shared: dict) -> boo
         w, kept = w.copy(), w[cols]
         w[cols] = 0
     axis = 1 if options.per_channel else None
-    q, scale = quantize_symmetric(w, axis, reduce_range=options.reduce_range)
+    # without the outliers the weights fill the int8 range densely, and non-VNNI kernels would saturate
+    q, scale = quantize_symmetric(w, axis, reduce_range=options.reduce_range or cols is not None)
     wq = add_initializer(graph, q, fresh_name(graph, base, "weight_int8"))
     wzp = add_initializer(graph, np.zeros(scale.shape, np.int8), fresh_name(graph, base, "weight_zero_point"))
     wscale = add_initializer(graph, scale, fresh_name(graph, base, "weight_scale"))
