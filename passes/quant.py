@@ -24,6 +24,7 @@ QUANTIZED_OPS = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", 
 MODES = ("dynamic", "static")
 METHODS = ("minmax", "percentile", "entropy")
 OP_TYPES = ("MatMul", "Gemm", "Gather")
+NOTE_SCOPES = 12  # scopes kept in float that the run's note names
 
 
 class Quantize(OptPass):
@@ -73,7 +74,9 @@ class Quantize(OptPass):
     def notes(self) -> list[str]:
         notes = []
         if getattr(self, "kept_float", None):
-            notes.append(f"kept in float to hold min_cosine={self.min_cosine:g} on the calibration samples: {', '.join(self.kept_float)}")
+            kept = self.kept_float
+            listed = ", ".join(kept[:NOTE_SCOPES]) + (f" and {len(kept) - NOTE_SCOPES} more" if len(kept) > NOTE_SCOPES else "")
+            notes.append(f"kept {len(kept)} scopes in float to hold min_cosine={self.min_cosine:g} on the calibration samples: {listed}")
         if getattr(self, "timed", None):
             fp, q = self.timed
             verdict = "kept int8" if q < fp else "int8 cannot speed up this model on this CPU: kept the float model"
