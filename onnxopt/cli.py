@@ -16,7 +16,6 @@ from onnxopt.inspection import describe
 from onnxopt.passbase import get_pass, parse_pass_list, registry
 
 
-
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="onnxopt")
 def cli():

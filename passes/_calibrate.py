@@ -3,15 +3,15 @@ one batch at a time (memory does not grow with the number of samples)."""
 
 from __future__ import annotations
 
+import tempfile
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
-import onnx
 import onnx_ir as ir
 
-from onnxopt import inputs, runtime
+from onnxopt import compare, inputs, io, runtime
 from onnxopt.errors import UsageError
 
 BATCH = 16  # rows of the calibration data per run
@@ -21,24 +21,26 @@ RANDOM_SAMPLES = 8
 def run_values(model: ir.Model, values: list[ir.Value], calib: str) -> Iterator[dict[str, np.ndarray]]:
     """For each batch of the calibration data, the float ``values`` (and the inputs) by name."""
     spec = _spec(calib, warn=True)
-    wanted = [v for v in values if v.name and v.dtype == ir.DataType.FLOAT]
-    proto = ir.serde.serialize_model(model)
-    present = {o.name for o in proto.graph.output} | {i.name for i in proto.graph.input}
-    for v in wanted:
-        if v.name not in present:
-            proto.graph.output.append(onnx.helper.make_tensor_value_info(v.name, onnx.TensorProto.FLOAT, None))
-    sess = runtime.session(proto.SerializeToString(), optimize=True)
-    del proto
-    names = [o.name for o in sess.get_outputs()]
-    notices: list[str] = []
+    sess = session(model, [v for v in values if v.name and v.dtype == ir.DataType.FLOAT])
     runs = 0
-    for feeds in spec.batches(model, notices):
-        results = dict(zip(names, sess.run(None, feeds)))
+    for feeds in spec.batches(model, []):
+        results = compare.run_session(sess, feeds)
         results.update(feeds)
         runs += 1
         yield results
     if not runs:
         raise UsageError(f"pass quant: calib {calib} holds no samples for this model's inputs")
+
+
+def session(model: ir.Model, outputs: list[ir.Value] = ()):
+    """An optimized onnxruntime session of ``model`` that also returns ``outputs``. The model reaches
+    onnxruntime through a temporary file (with external data when large), not an in-memory copy."""
+    copy = model.clone()  # shares the tensors
+    values = ir.convenience.create_value_mapping(copy.graph)
+    present = {v.name for v in (*copy.graph.inputs, *copy.graph.outputs)}
+    copy.graph.outputs.extend(values[v.name] for v in outputs if v.name in values and v.name not in present)
+    with tempfile.TemporaryDirectory(prefix="onnxopt-") as folder:
+        return runtime.session(io.save(copy, Path(folder, "model.onnx")), optimize=True)
 
 
 def _spec(calib: str, warn: bool = False, batch: int = BATCH) -> inputs.InputSpec:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from ._common import add_initializer, constant, fresh_name, producer, rank, replace_nodes, single_use
+from ._common import add_initializer, constant, fresh_name, is_standard, producer, rank, replace_nodes, single_use
 from ._fuse_norm import match_gelu
 from .fuse import Context, rule
 
@@ -27,18 +27,14 @@ def ort_gelu(node: ir.Node, ctx: Context) -> bool:
     return ctx.opset < 20 and match_gelu(node, _contrib_gelu)
 
 
-def _bias_of(add: ir.Node, last_dim) -> tuple[ir.Value, ir.Value] | None:
+def _bias_of(add: ir.Node) -> tuple[ir.Value, ir.Value] | None:
     """(x, bias) when ``add`` adds a 1-D float32 constant along the last axis of x."""
     for x, b in (add.inputs, add.inputs[::-1]):
         c = constant(b)
-        if c is not None and c.ndim == 1 and c.dtype == np.float32 and x.dtype == ir.DataType.FLOAT \
-                and isinstance(last_dim(x), int) and c.shape[0] == last_dim(x):
+        last = x.shape[-1] if x.shape is not None and len(x.shape) else None
+        if c is not None and c.ndim == 1 and c.dtype == np.float32 and x.dtype == ir.DataType.FLOAT and c.shape[0] == last:
             return x, b
     return None
-
-
-def _last_dim(value: ir.Value):
-    return value.shape[-1] if value.shape is not None and len(value.shape) else None
 
 
 def _gelu_reader(value: ir.Value) -> ir.Node | None:
@@ -48,15 +44,13 @@ def _gelu_reader(value: ir.Value) -> ir.Node | None:
     node = value.uses()[0].node
     if node.domain == ORT and node.op_type in ("Gelu", "FastGelu") and len(node.inputs) == 1:
         return node
-    if node.domain in ("", "ai.onnx") and node.op_type == "Gelu":
-        return node
-    return None
+    return node if is_standard(node, "Gelu") else None
 
 
 @rule("bias_gelu", ("Add",), "Add of a bias vector then GELU → com.microsoft BiasGelu (FastGelu with bias for tanh GELU)",
       target="ort")
 def bias_gelu(node: ir.Node, ctx: Context) -> bool:
-    found = _bias_of(node, _last_dim)
+    found = _bias_of(node)
     gelu = _gelu_reader(node.outputs[0])
     if found is None or gelu is None:
         return False

@@ -132,9 +132,4 @@ def _replace(node: ir.Node, new: list[ir.Node]) -> None:
     old, out = node.outputs[0], new[-1].outputs[0]
     out.shape, out.type = old.shape, old.type
     replace_value(old, out)
-    graph = node.graph
-    weights = [v for v in node.inputs if v is not None and v.const_value is not None]
-    graph.remove(node, safe=True)
-    for v in weights:  # the float weights this node alone read
-        if not v.uses() and not v.is_graph_input() and not v.is_graph_output() and v.name in graph.initializers:
-            graph.initializers.pop(v.name)
+    node.graph.remove(node, safe=True)

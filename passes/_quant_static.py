@@ -14,9 +14,9 @@ import numpy as np
 import onnx_ir as ir
 
 from ._calib_ranges import RangeCollector
-from onnxopt import runtime
+from onnxopt import compare
 
-from ._calibrate import first_batch, run_values
+from ._calibrate import first_batch, run_values, session
 from ._common import add_initializer, constant, fresh_name, is_standard
 from ._quant_math import quantize_symmetric
 
@@ -151,8 +151,7 @@ def quantize_static(model: ir.Model, options) -> tuple[bool, list[str]]:
     if not nodes:
         return False, []
     ranges = calibrate(model, values, options.calib, options.method, options.percentile)
-    float_copy = ir.serde.serialize_model(model)
-    kept = keep_float_for_accuracy(float_copy, options, ranges)
+    kept = keep_float_for_accuracy(model.clone(), options, ranges)
     apply_qdq(model, options, ranges, lambda n: options.excluded(n) or scope(n) in kept)
     return True, sorted(kept)
 
@@ -173,7 +172,6 @@ def apply_qdq(model: ir.Model, options, ranges: dict[str, tuple[float, float]], 
             source = x.producer().inputs[0].producer().inputs[0] if x.producer() is not None and x.producer().op_type == "DequantizeLinear" else x
             if source in scales:
                 quantize_weights(node, scales[source], options.per_channel, opset)
-    _drop_unused(graph)
 
 
 def scope(node: ir.Node) -> str:
@@ -182,26 +180,25 @@ def scope(node: ir.Node) -> str:
     return name.rsplit("/", 1)[0] if "/" in name.strip("/") else name
 
 
-def keep_float_for_accuracy(float_proto, options, ranges: dict) -> set[str]:
+def keep_float_for_accuracy(float_model: ir.Model, options, ranges: dict) -> set[str]:
     """Scopes to leave in float so that the outputs keep ``min_cosine`` on calibration samples.
 
     Quantized whole, the model is checked on the first calibration samples. Below the budget, each
     scope is quantized alone to measure what it costs, and the costliest are kept in float, as few
     as the budget allows (doubling, then bisecting, the number kept).
     """
-    probe = ir.serde.deserialize_model(float_proto)
-    feeds = first_batch(probe, options.calib, EVAL_ROWS)
-    reference = _outputs(float_proto.SerializeToString(), feeds)
+    feeds = first_batch(float_model, options.calib, EVAL_ROWS)
+    reference = compare.run_session(session(float_model), feeds)
 
     def cosine(kept: set[str]) -> float:
-        model = ir.serde.deserialize_model(float_proto)
-        apply_qdq(model, options, ranges, lambda n: options.excluded(n) or scope(n) in kept)
-        got = _outputs(ir.serde.serialize_model(model).SerializeToString(), feeds)
-        return min(_cos(reference[k], got[k]) for k in reference)
+        trial = float_model.clone()
+        apply_qdq(trial, options, ranges, lambda n: options.excluded(n) or scope(n) in kept)
+        got = compare.run_session(session(trial), feeds)
+        return min(compare.compare_arrays(k, reference[k], got[k], 0.0, 0.0).cosine for k in reference)
 
     if cosine(set()) >= options.min_cosine:
         return set()
-    scopes = list(dict.fromkeys(scope(n) for n in candidates(probe.graph, options.excluded)[0]))
+    scopes = list(dict.fromkeys(scope(n) for n in candidates(float_model.graph, options.excluded)[0]))
     every = set(scopes)
     cost = {s: 1.0 - cosine(every - {s}) for s in scopes}
     ranked = sorted(scopes, key=lambda s: -cost[s])
@@ -215,28 +212,9 @@ def keep_float_for_accuracy(float_proto, options, ranges: dict) -> set[str]:
     return set(ranked[:high])
 
 
-def _outputs(model: bytes, feeds: dict) -> dict[str, np.ndarray]:
-    sess = runtime.session(model, optimize=True)
-    names = [o.name for o in sess.get_outputs()]
-    return dict(zip(names, sess.run(None, {k: v for k, v in feeds.items() if k in {i.name for i in sess.get_inputs()}})))
-
-
-def _cos(a: np.ndarray, b: np.ndarray) -> float:
-    a, b = a.astype(np.float64).ravel(), b.astype(np.float64).ravel()
-    denominator = np.linalg.norm(a) * np.linalg.norm(b)
-    return float(a @ b / denominator) if denominator else float(np.array_equal(a, b))
-
-
 def _inherited(value: ir.Value, params: dict) -> tuple | None:
     """The input's quantization, for the output of an op that only moves values."""
     node = value.producer()
     if node is None or not is_standard(node, *SAME_SCALE) or not node.inputs or node.inputs[0] not in params:
         return None
     return params[node.inputs[0]]
-
-
-def _drop_unused(graph: ir.Graph) -> None:
-    for name, v in list(graph.initializers.items()):
-        if not v.uses() and not v.is_graph_input() and not v.is_graph_output():
-            graph.initializers.pop(name)
-

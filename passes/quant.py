@@ -13,7 +13,7 @@ import onnx_ir as ir
 from onnxopt.errors import UsageError
 from onnxopt.passbase import Option, OptPass
 
-from ._common import graphs_of, infer_shapes, is_standard, lift_constants
+from ._common import graphs_of, infer_shapes, is_standard, lift_constants, remove_unused
 from ._quant_dynamic import find_outliers, quantize_gather, quantize_matmul
 from ._quant_static import quantize_static
 from ._quant_tune import latencies, tuning_feeds
@@ -100,10 +100,16 @@ class Quantize(OptPass):
 
     def _quantize(self, model: ir.Model) -> bool:
         lift_constants(model)
-        if self.mode == "static":
-            infer_shapes(model)
-            modified, self.kept_float = quantize_static(model, self)
-            return modified
+        modified = self._static(model) if self.mode == "static" else self._dynamic(model)
+        remove_unused(model)  # the float weights the int8 ones replace
+        return modified
+
+    def _static(self, model: ir.Model) -> bool:
+        infer_shapes(model)
+        modified, self.kept_float = quantize_static(model, self)
+        return modified
+
+    def _dynamic(self, model: ir.Model) -> bool:
         wanted = set(_split(self.op_types))
         outliers = find_outliers(model, wanted, self) if self.calib else {}
         modified = False
@@ -120,6 +126,7 @@ class Quantize(OptPass):
 
     def excluded(self, node: ir.Node) -> bool:
         return any(p.fullmatch(node.name or "") for p in self._exclude)
+
 
 def _split(spec: str) -> list[str]:
     return [s.strip() for s in spec.split("|") if s.strip()]
