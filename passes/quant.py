@@ -34,17 +34,17 @@ class Quantize(OptPass):
     options = (
         Option("mode", str, "dynamic", "dynamic (int8 weights, activations quantized at run time) or static (QDQ, ranges from calib)"),
         Option("per_channel", bool, True, "one weight scale per output channel (else one per tensor)"),
-        Option("op_types", str, "MatMul|Gemm|Gather", "op types to quantize, separated by |"),
+        Option("op_types", str, "MatMul|Gemm|Gather", "dynamic: op types to quantize, separated by |"),
         Option("exclude", str, "", "node names or regexes to keep in float, separated by |"),
         Option("reduce_range", bool, False, "7-bit weights, for CPUs without VNNI whose int8 kernels saturate"),
-        Option("calib", str, "", "calibration data (.npz or folder, as validate's --inputs): finds outlier channels"),
+        Option("calib", str, "", "calibration data (.npz or folder, as validate's --inputs; random only to try): static ranges, dynamic outlier channels"),
         Option("outliers", float, 4.0, "with calib: channels whose range exceeds this many times the median channel's stay float (0: off)"),
         Option("max_outliers", int, 8, "at most this many float channels per quantized input"),
         Option("method", str, "percentile", "static: how calibration sets ranges: minmax, percentile or entropy"),
         Option("percentile", float, 99.99, "static, method=percentile: the percentile of each tail kept"),
         Option("activation_type", str, "uint8", "static: uint8 or int8 activations"),
         Option("tune", str, "off", "latency: time int8 against float in onnxruntime and keep int8 only if faster"),
-        Option("min_cosine", float, 0.99, "fidelity budget: the least output cosine the check accepts"),
+        Option("min_cosine", float, 0.99, "fidelity budget: the least output cosine the check accepts; static also keeps layers float to hold it on calib"),
     )
 
     def __init__(self, **values):
