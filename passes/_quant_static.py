@@ -50,7 +50,7 @@ def candidates(graph: ir.Graph, excluded) -> tuple[list[ir.Node], list[ir.Value]
         for v in node.outputs:
             if v.dtype == ir.DataType.FLOAT:
                 values[v] = None
-    return nodes, [v for v in values if not v.is_graph_input() or v.producer() is None]
+    return nodes, list(values)
 
 
 def _supported(node: ir.Node) -> bool:
@@ -163,15 +163,10 @@ def apply_qdq(model: ir.Model, options, ranges: dict[str, tuple[float, float]], 
     params: dict[ir.Value, tuple] = {}
     for v in values:
         params[v] = _inherited(v, params) or activation_params(*ranges[v.name], options.activation_type)
-    for v in values:
-        insert_qdq(graph, v, *params[v])
-    scales = {v: p[0] for v, p in params.items()}
+    scales = {insert_qdq(graph, v, *params[v]): params[v][0] for v in values}  # by the DQ readers now read
     for node in nodes:
-        if node.op_type in WEIGHTED:
-            x = node.inputs[0]
-            source = x.producer().inputs[0].producer().inputs[0] if x.producer() is not None and x.producer().op_type == "DequantizeLinear" else x
-            if source in scales:
-                quantize_weights(node, scales[source], options.per_channel, opset)
+        if node.op_type in WEIGHTED and node.inputs[0] in scales:
+            quantize_weights(node, scales[node.inputs[0]], options.per_channel, opset)
 
 
 def scope(node: ir.Node) -> str:
