@@ -76,9 +76,12 @@ def calibrate(model: ir.Model, values: list[ir.Value], calib: str, method: str, 
     return {name: c.range(method, percentile) for name, c in collectors.items()}
 
 
-def activation_params(lo: float, hi: float, dtype: str) -> tuple[np.float32, np.ndarray]:
-    """Scale and zero point of an asymmetric uint8 (or int8) range that holds 0 exactly."""
+def activation_params(lo: float, hi: float, dtype: str, symmetric: bool = False) -> tuple[np.float32, np.ndarray]:
+    """Scale and zero point of a uint8 (or int8) range that holds 0 exactly; symmetric about 0 when
+    asked (zero point 128, or 0 for int8)."""
     lo, hi = min(lo, 0.0), max(hi, 0.0)
+    if symmetric:
+        lo, hi = -max(-lo, hi), max(-lo, hi)
     scale = np.float32((hi - lo) / 255.0) if hi > lo else np.float32(1.0)
     if dtype == "uint8":
         return scale, np.array(np.clip(np.rint(-lo / scale), 0, 255), np.uint8)
@@ -162,7 +165,7 @@ def apply_qdq(model: ir.Model, options, ranges: dict[str, tuple[float, float]], 
     nodes, values = candidates(graph, excluded)
     params: dict[ir.Value, tuple] = {}
     for v in values:
-        params[v] = _inherited(v, params) or activation_params(*ranges[v.name], options.activation_type)
+        params[v] = _inherited(v, params) or activation_params(*ranges[v.name], options.activation_type, options.symmetric_activations)
     scales = {insert_qdq(graph, v, *params[v]): params[v][0] for v in values}  # by the DQ readers now read
     for node in nodes:
         if node.op_type in WEIGHTED and node.inputs[0] in scales:

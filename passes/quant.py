@@ -43,6 +43,9 @@ class Quantize(OptPass):
         Option("method", str, "percentile", "static: how calibration sets ranges: minmax, percentile or entropy"),
         Option("percentile", float, 99.99, "static, method=percentile: the percentile of each tail kept"),
         Option("activation_type", str, "uint8", "static: uint8 or int8 activations"),
+        Option("symmetric_activations", bool, False, "static: activation ranges symmetric about 0 (zero point 0 or 128)"),
+        Option("smooth", float, 0.0, "with calib: SmoothQuant alpha in (0, 1] moving activation outliers of MatMul inputs into the weights (0: off)"),
+        Option("bias_correction", bool, False, "static: shift Conv/Gemm biases by the mean error the int8 weights add on calibration data"),
         Option("tune", str, "off", "latency: time int8 against float in onnxruntime and keep int8 only if faster"),
         Option("min_cosine", float, 0.99, "fidelity budget: the least output cosine the check accepts; static also keeps layers float to hold it on calib"),
     )

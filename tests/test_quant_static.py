@@ -44,6 +44,13 @@ def test_activation_params_hold_zero_exactly():
     assert activation_params(0.0, 0.0, "uint8")[0] == 1
 
 
+def test_symmetric_activations_center_the_zero_point():
+    scale, zp = activation_params(-1.0, 3.0, "uint8", symmetric=True)
+    assert scale == np.float32(6 / 255) and zp == 128
+    scale, zp = activation_params(-1.0, 3.0, "int8", symmetric=True)
+    assert scale == np.float32(6 / 255) and zp == 0
+
+
 @pytest.mark.parametrize("method", ["minmax", "percentile", "entropy"])
 def test_qdq_runs_as_integer_kernels_and_matches_float(calib, method, tmp_path):
     proto = conv_silu_model()
