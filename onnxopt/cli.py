@@ -10,10 +10,12 @@ from pathlib import Path
 
 import click
 
-from onnxopt import bench, compare, gate, inputs, io, pipeline, policy, progress, report, runtime, validate
+from onnxopt import bench, compare, gate, inputs, io, layer_error, pipeline, policy, progress, report, runtime, validate
 from onnxopt.errors import CheckFailed, OnnxoptError, UsageError
 from onnxopt.inspection import describe
 from onnxopt.passbase import get_pass, parse_pass_list, registry
+
+SPEEDUP_ITERS = 30  # timed runs per model for the report's speedup
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -54,11 +56,12 @@ def run_cmd(model, pass_spec, output, report_path, shapes, no_check, atol, rtol,
         for record in run_report.passes:
             for note in record.notes:
                 out.print(f"{record.name}: {note}", markup=False)
-        results = []
-        if not no_check:
+        results, feeds = [], None
+        if not no_check or report_path:
             feeds, notices = inputs.generate(graph, shape_map)
             for notice in notices:
                 out.print(f"note: {notice}", markup=False)
+        if not no_check:
             results = compare.compare_models(model, staged, feeds, atol=atol, rtol=rtol)
             lossy = [p for p in passes if not p.exact]
             budget = compare.fidelity_budget(lossy)
@@ -80,15 +83,44 @@ def run_cmd(model, pass_spec, output, report_path, shapes, no_check, atol, rtol,
                 if not keep_failed:
                     raise gate_failed
         if report_path:
+            sections = _layer_sections(out, passes, graph, model, staged, feeds)
+            totals = {"size_before": size_before, "size_after": size_after, **_speedup(out, model, staged, feeds)}
             io.write_text(report_path, io.to_json({
                 "input": str(model), "output": str(output), "passes": [repr(p) for p in passes],
                 "size_before": size_before, "size_after": size_after,
                 **run_report.to_dict(), "check": [r.__dict__ for r in results],
                 **({"gate": gated.to_dict()} if gated else {}),
+                "layers": sections, "totals": totals,
             }))
     out.print(f"wrote {output}")
     if gate_failed:
         raise gate_failed
+
+
+def _layer_sections(out, passes, graph, model, staged, feeds) -> list[dict]:
+    """The layer rows of each pass that reports them, with their SQNR against the input model; printed."""
+    sections = [{"pass": repr(p), "layers": rows} for p in passes if (rows := p.layers(graph))]
+    rows = [r for section in sections for r in section["layers"]]
+    try:
+        layer_error.attach_sqnr(rows, model, staged, feeds)
+    except OnnxoptError as e:
+        out.print(f"note: no per-layer SQNR in the report: {e}", markup=False)
+        for r in rows:
+            r["sqnr_db"] = None
+    for section in sections:
+        out.print(report.layer_table(f"layers of {section['pass']}", section["layers"]))
+    return sections
+
+
+def _speedup(out, model, staged, feeds) -> dict:
+    """p50 latency of the input and the output model on the check's inputs, timed side by side."""
+    try:
+        before, after = bench.bench([model, staged], feeds, settings=bench.Settings(iters=SPEEDUP_ITERS, warmup=3))
+    except OnnxoptError as e:
+        out.print(f"note: no speedup in the report: {e}", markup=False)
+        return {"speedup": None}
+    out.print(f"speedup {after.speedup:.2f}x (p50 {before.stat('p50'):.3f} ms -> {after.stat('p50'):.3f} ms, {SPEEDUP_ITERS} runs each)")
+    return {"p50_ms_before": before.stat("p50"), "p50_ms_after": after.stat("p50"), "speedup": after.speedup}
 
 
 # Options shared by validate, bench and check's inputs.

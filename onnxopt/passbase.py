@@ -91,6 +91,12 @@ class OptPass(ir.passes.InPlacePass):
         """For a lossy pass, the least output cosine its result may have against its input."""
         return None
 
+    def layers(self, model: ir.Model) -> list[dict]:
+        """Per-layer description of what the last run did to ``model`` (the pass's output), for reports:
+        one JSON-ready dict per layer. A row's ``output`` names the value the layer computes; where the
+        input model has a value of that name, ``onnxopt run --report`` adds the row's ``sqnr_db``."""
+        return []
+
     @classmethod
     def findings(cls, model: ir.Model) -> dict[str, int]:
         """Patterns this pass recognises in ``model`` but leaves as they are, with their counts (for ``inspect``)."""

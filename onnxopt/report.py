@@ -147,6 +147,37 @@ def bench_table(timings: list[Timing], title: str) -> Table:
     return table
 
 
+def layer_table(title: str, rows: list[dict], limit: int = 40) -> Table:
+    """A pass's layer rows in graph order; past ``limit`` rows, only the ``limit`` of lowest SQNR."""
+    shown = rows
+    if len(rows) > limit:
+        worst = sorted(range(len(rows)), key=lambda i: _sqnr(rows[i]))[:limit]
+        shown = [rows[i] for i in sorted(worst)]
+    table = _table(title, ["layer", "op", "weight", "activation", "weight scale", "SQNR dB"],
+                   left=("layer", "op", "weight", "activation"))
+    for r in shown:
+        _add(table, r["layer"], r["op"], r["weight"], r.get("activation") or "-", _scale_range(r), _db(r.get("sqnr_db")))
+    if len(rows) > limit:
+        table.caption, table.caption_justify = f"{len(rows) - limit} more layers, of higher SQNR, in the report", "left"
+    return table
+
+
+def _sqnr(row: dict) -> float:
+    value = row.get("sqnr_db")
+    return math.inf if value is None else value
+
+
+def _scale_range(row: dict) -> str:
+    lo, hi = row.get("weight_scale_min"), row.get("weight_scale_max")
+    if lo is None:
+        return "-"
+    return f"{lo:.3g}" if lo == hi else f"{lo:.3g}–{hi:.3g}"
+
+
+def _db(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}"
+
+
 def gate_table(result: GateResult) -> Table:
     verdict = "passed" if result.passed else f"FAILED {len(result.failed)} of {len(result.goals)}"
     table = _table(f"gate: {verdict}", ["goal", "target", "measured", "result"], left=("goal", "measured", "result"))

@@ -16,6 +16,8 @@ from ._calibrate import channel_max, outlier_channels
 from ._common import add_initializer, constant, fresh_name, is_standard, rank, replace_value
 from ._quant_math import quantize_symmetric
 
+SOURCE_OP = "quant.source_op"  # meta key: the op a MatMulInteger replaced
+
 
 def find_outliers(model: ir.Model, wanted: set[str], options) -> dict[ir.Value, np.ndarray]:
     """Per quantized input, the channels whose range dwarfs the rest (per-tensor int8 would lose the rest)."""
@@ -49,6 +51,7 @@ def quantize_matmul(node: ir.Node, options, outliers: dict, shared: dict) -> boo
         new += _quantize_input(x, cols, w.shape[0], base, shared)
     xq, xscale, xzp, outlying = shared[x]
     acc = ir.node("MatMulInteger", [xq, wq, xzp, wzp], name=f"{base}.int8")
+    acc.meta[SOURCE_OP] = node.op_type  # MatMul and Gemm look alike once rewritten; the report names which
     as_float = ir.node("Cast", [acc.outputs[0]], {"to": ir.DataType.FLOAT}, name=f"{base}.cast")
     scales = ir.node("Mul", [xscale, wscale], name=f"{base}.scale")
     out = ir.node("Mul", [as_float.outputs[0], scales.outputs[0]], name=f"{base}.dequantize")
@@ -133,3 +136,6 @@ def _replace(node: ir.Node, new: list[ir.Node]) -> None:
     out.shape, out.type = old.shape, old.type
     replace_value(old, out)
     node.graph.remove(node, safe=True)
+    if not out.is_graph_output():  # the result keeps its name, so reports can match it to the float model's
+        name, old.name = old.name, None
+        out.name = name

@@ -15,6 +15,7 @@ from onnxopt.passbase import Option, OptPass
 
 from ._common import graphs_of, infer_shapes, is_standard, lift_constants, remove_unused
 from ._quant_dynamic import find_outliers, quantize_gather, quantize_matmul
+from ._quant_layers import layers as quant_layers
 from ._quant_static import quantize_static
 from ._quant_tune import latencies, tuning_feeds
 
@@ -88,6 +89,9 @@ class Quantize(OptPass):
 
     def fidelity(self) -> float:
         return self.min_cosine
+
+    def layers(self, model: ir.Model) -> list[dict]:
+        return quant_layers(model, self)
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         _refuse_quantized(model)
