@@ -139,3 +139,9 @@ def _replace(node: ir.Node, new: list[ir.Node]) -> None:
     if not out.is_graph_output():  # the result keeps its name, so reports can match it to the float model's
         name, old.name = old.name, None
         out.name = name
+
+
+def dynamic_matmuls(model: ir.Model, options) -> list[ir.Node]:
+    """The main graph's MatMul and Gemm nodes that ``quantize_matmul`` rewrites."""
+    wanted = set(options.op_types.split("|")) - {"Gather"}
+    return [n for n in model.graph if is_standard(n, *wanted) and not options.excluded(n) and _weight(n)]

@@ -18,7 +18,9 @@ from onnxopt import compare
 
 from ._calibrate import first_batch, run_values, session
 from ._common import add_initializer, constant, fresh_name, is_standard
-from ._quant_math import quantize_symmetric
+from ._quant_bias import ChannelMean, channel_axis, corrected_bias
+from ._quant_math import dequantize, quantize_symmetric
+from ._quant_smooth import SMOOTHING
 
 # op type -> indices of its data inputs (the rest are weights, biases, shapes)
 INTEGER_OPS = {
@@ -42,7 +44,7 @@ def data_inputs(node: ir.Node) -> list[ir.Value]:
 
 def candidates(graph: ir.Graph, excluded) -> tuple[list[ir.Node], list[ir.Value]]:
     """The nodes to run in int8 and the activations to quantize, in graph order."""
-    nodes = [n for n in graph if is_standard(n, *INTEGER_OPS) and not excluded(n) and _supported(n)]
+    nodes = [n for n in graph if is_standard(n, *INTEGER_OPS) and not excluded(n) and _supported(n) and not n.meta.get(SMOOTHING)]
     values: dict[ir.Value, None] = {}
     for node in nodes:
         for v in data_inputs(node):
@@ -66,14 +68,20 @@ def _supported(node: ir.Node) -> bool:
     return True
 
 
-def calibrate(model: ir.Model, values: list[ir.Value], calib: str, method: str, percentile: float) -> dict[str, tuple[float, float]]:
-    """The range of each value (by name) over the calibration data."""
+def calibrate(model: ir.Model, values: list[ir.Value], calib: str, method: str, percentile: float,
+              channel_axes: dict[str, int] | None = None) -> tuple[dict[str, tuple[float, float]], dict[str, np.ndarray]]:
+    """The range of each value (by name) over the calibration data and, in the same runs, the mean of
+    each channel of the values named in ``channel_axes`` (name -> channel axis)."""
     collectors = {v.name: RangeCollector() for v in values}
+    means = {name: ChannelMean(axis) for name, axis in (channel_axes or {}).items()}
     for results in run_values(model, values, calib):
         for name, x in results.items():
             if name in collectors:
                 collectors[name].update(x)
-    return {name: c.range(method, percentile) for name, c in collectors.items()}
+            if name in means:
+                means[name].update(x)
+    ranges = {name: c.range(method, percentile) for name, c in collectors.items()}
+    return ranges, {name: m.mean() for name, m in means.items() if m.mean() is not None}
 
 
 def activation_params(lo: float, hi: float, dtype: str, symmetric: bool = False) -> tuple[np.float32, np.ndarray]:
@@ -91,7 +99,7 @@ def activation_params(lo: float, hi: float, dtype: str, symmetric: bool = False)
 def insert_qdq(graph: ir.Graph, value: ir.Value, scale: np.float32, zero_point: np.ndarray) -> ir.Value:
     """Q(value) → DQ; every reader of ``value`` reads the DQ instead. Returns the DQ's output."""
     base = value.name or "act"
-    readers = [(u.node, u.idx) for u in value.uses()]
+    readers = [(u.node, u.idx) for u in value.uses() if not u.node.meta.get(SMOOTHING)]  # that Mul wants x unrounded
     s = add_initializer(graph, np.array(scale, np.float32), fresh_name(graph, base, "scale"))
     z = add_initializer(graph, zero_point, fresh_name(graph, base, "zero_point"))
     q = ir.node("QuantizeLinear", [value, s, z], name=f"{base}.quantize")
@@ -113,8 +121,9 @@ def insert_qdq(graph: ir.Graph, value: ir.Value, scale: np.float32, zero_point: 
     return out
 
 
-def quantize_weights(node: ir.Node, x_scale: np.float32, per_channel: bool, opset: int) -> None:
-    """The node's weight becomes DQ(int8) and its bias DQ(int32 at x_scale × weight scale)."""
+def quantize_weights(node: ir.Node, x_scale: np.float32, per_channel: bool, opset: int, mean: np.ndarray | None = None) -> None:
+    """The node's weight becomes DQ(int8) and its bias DQ(int32 at x_scale × weight scale); with the
+    input's per-channel ``mean``, the bias first absorbs the mean error of the int8 weight."""
     graph = node.graph
     w = constant(node.inputs[1])
     if w is None:
@@ -131,7 +140,13 @@ def quantize_weights(node: ir.Node, x_scale: np.float32, per_channel: bool, opse
                  attrs, name=f"{base}.weight")
     graph.insert_before(node, dq)
     node.replace_input_with(1, dq.outputs[0])
-    b = constant(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2] is not None else None
+    has_bias = len(node.inputs) > 2 and node.inputs[2] is not None
+    b = constant(node.inputs[2]) if has_bias else None
+    if mean is not None and (b is not None or not has_bias):
+        corrected = corrected_bias(node, w, dequantize(q, scale, 0, axis if per_channel else None), b, mean)
+        if corrected is not None:
+            b = corrected
+            node.resize_inputs(max(len(node.inputs), 3))
     if b is None or b.ndim != 1:
         return
     bias_scale = (np.float64(x_scale) * scale.astype(np.float64)).astype(np.float32)
@@ -153,23 +168,25 @@ def quantize_static(model: ir.Model, options) -> tuple[bool, list[str]]:
     nodes, values = candidates(model.graph, options.excluded)
     if not nodes:
         return False, []
-    ranges = calibrate(model, values, options.calib, options.method, options.percentile)
-    kept = keep_float_for_accuracy(model.clone(), options, ranges)
-    apply_qdq(model, options, ranges, lambda n: options.excluded(n) or scope(n) in kept)
+    axes = {n.inputs[0].name: channel_axis(n) for n in nodes if channel_axis(n) is not None} if options.bias_correction else {}
+    ranges, means = calibrate(model, values, options.calib, options.method, options.percentile, axes)
+    kept = keep_float_for_accuracy(model.clone(), options, ranges, means)
+    apply_qdq(model, options, ranges, lambda n: options.excluded(n) or scope(n) in kept, means)
     return True, sorted(kept)
 
 
-def apply_qdq(model: ir.Model, options, ranges: dict[str, tuple[float, float]], excluded) -> None:
+def apply_qdq(model: ir.Model, options, ranges: dict[str, tuple[float, float]], excluded, means: dict | None = None) -> None:
     graph = model.graph
     opset = model.opset_imports.get("", 1)
     nodes, values = candidates(graph, excluded)
+    input_names = {node: node.inputs[0].name for node in nodes}  # before the readers read DQs
     params: dict[ir.Value, tuple] = {}
     for v in values:
         params[v] = _inherited(v, params) or activation_params(*ranges[v.name], options.activation_type, options.symmetric_activations)
     scales = {insert_qdq(graph, v, *params[v]): params[v][0] for v in values}  # by the DQ readers now read
     for node in nodes:
         if node.op_type in WEIGHTED and node.inputs[0] in scales:
-            quantize_weights(node, scales[node.inputs[0]], options.per_channel, opset)
+            quantize_weights(node, scales[node.inputs[0]], options.per_channel, opset, (means or {}).get(input_names[node]))
 
 
 def scope(node: ir.Node) -> str:
@@ -178,7 +195,7 @@ def scope(node: ir.Node) -> str:
     return name.rsplit("/", 1)[0] if "/" in name.strip("/") else name
 
 
-def keep_float_for_accuracy(float_model: ir.Model, options, ranges: dict) -> set[str]:
+def keep_float_for_accuracy(float_model: ir.Model, options, ranges: dict, means: dict | None = None) -> set[str]:
     """Scopes to leave in float so that the outputs keep ``min_cosine`` on calibration samples.
 
     Quantized whole, the model is checked on the first calibration samples. Below the budget, each
@@ -190,7 +207,7 @@ def keep_float_for_accuracy(float_model: ir.Model, options, ranges: dict) -> set
 
     def cosine(kept: set[str]) -> float:
         trial = float_model.clone()
-        apply_qdq(trial, options, ranges, lambda n: options.excluded(n) or scope(n) in kept)
+        apply_qdq(trial, options, ranges, lambda n: options.excluded(n) or scope(n) in kept, means)
         got = compare.run_session(session(trial), feeds)
         return min(compare.compare_arrays(k, reference[k], got[k], 0.0, 0.0).cosine for k in reference)
 
@@ -216,3 +233,8 @@ def _inherited(value: ir.Value, params: dict) -> tuple | None:
     if node is None or not is_standard(node, *SAME_SCALE) or not node.inputs or node.inputs[0] not in params:
         return None
     return params[node.inputs[0]]
+
+
+def static_matmuls(model: ir.Model, options) -> list[ir.Node]:
+    """The main graph's MatMul and Gemm nodes that ``apply_qdq`` puts in int8."""
+    return [n for n in candidates(model.graph, options.excluded)[0] if n.op_type in ("MatMul", "Gemm")]

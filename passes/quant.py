@@ -14,9 +14,10 @@ from onnxopt.errors import UsageError
 from onnxopt.passbase import Option, OptPass
 
 from ._common import graphs_of, infer_shapes, is_standard, lift_constants, remove_unused
-from ._quant_dynamic import find_outliers, quantize_gather, quantize_matmul
+from ._quant_dynamic import dynamic_matmuls, find_outliers, quantize_gather, quantize_matmul
 from ._quant_layers import layers as quant_layers
-from ._quant_static import quantize_static
+from ._quant_smooth import smooth_inputs
+from ._quant_static import quantize_static, static_matmuls
 from ._quant_tune import latencies, tuning_feeds
 
 QUANTIZED_OPS = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "MatMulInteger", "ConvInteger",
@@ -74,6 +75,12 @@ class Quantize(OptPass):
             raise UsageError(f"pass quant: tune must be off or latency, got {self.tune!r}")
         if not 0 < self.min_cosine <= 1:
             raise UsageError(f"pass quant: min_cosine must be in (0, 1], got {self.min_cosine}")
+        if not 0 <= self.smooth <= 1:
+            raise UsageError(f"pass quant: smooth must be in [0, 1], got {self.smooth}")
+        if self.smooth and not self.calib:
+            raise UsageError("pass quant: smooth needs calib=PATH: SmoothQuant scales come from the activation ranges")
+        if self.bias_correction and self.mode != "static":
+            raise UsageError("pass quant: bias_correction needs mode=static")
 
     def notes(self) -> list[str]:
         notes = []
@@ -107,12 +114,13 @@ class Quantize(OptPass):
 
     def _quantize(self, model: ir.Model) -> bool:
         lift_constants(model)
+        infer_shapes(model)  # both modes check the element types of the activations they quantize
+        smoothed = self._smooth(model)
         modified = self._static(model) if self.mode == "static" else self._dynamic(model)
         remove_unused(model)  # the float weights the int8 ones replace
-        return modified
+        return modified or smoothed
 
     def _static(self, model: ir.Model) -> bool:
-        infer_shapes(model)
         modified, self.kept_float = quantize_static(model, self)
         return modified
 
@@ -130,6 +138,13 @@ class Quantize(OptPass):
                 else:
                     modified |= quantize_matmul(node, self, outliers, shared)
         return modified
+
+    def _smooth(self, model: ir.Model) -> bool:
+        """SmoothQuant on the inputs of the MatMuls about to be quantized, before anything is calibrated."""
+        if not self.smooth:
+            return False
+        nodes = (static_matmuls if self.mode == "static" else dynamic_matmuls)(model, self)
+        return smooth_inputs(model, nodes, self.smooth, self.calib) > 0
 
     def excluded(self, node: ir.Node) -> bool:
         return any(p.fullmatch(node.name or "") for p in self._exclude)
