@@ -41,6 +41,8 @@ def run_cmd(model, pass_spec, output, report_path, shapes, no_check, atol, rtol,
     """Optimize MODEL with the given passes, check it, and write it."""
     passes = parse_pass_list(pass_spec)
     shape_map = inputs.parse_shapes(shapes)
+    for p in passes:
+        p.example_shapes = shape_map
     gate_policy = policy.load(gate_path) if gate_path else None
     output = output or model.with_name(f"{model.name.removesuffix('.onnx')}.opt.onnx")
     graph = io.load(model)

@@ -61,6 +61,8 @@ class OptPass(ir.passes.InPlacePass):
     options: ClassVar[tuple[Option, ...]] = ()
     exact: ClassVar[bool] = True
     fixed_point: ClassVar[bool] = False
+    # Input shapes the user gave for example inputs (the CLI's --shape), for passes that run the model.
+    example_shapes: dict[str, list[int]] = {}
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)

@@ -153,10 +153,12 @@ def layer_table(title: str, rows: list[dict], limit: int = 40) -> Table:
     if len(rows) > limit:
         worst = sorted(range(len(rows)), key=lambda i: _sqnr(rows[i]))[:limit]
         shown = [rows[i] for i in sorted(worst)]
-    table = _table(title, ["layer", "op", "weight", "activation", "weight scale", "SQNR dB"],
-                   left=("layer", "op", "weight", "activation"))
+    timed = any(r.get("float_us") is not None for r in rows)  # a pass that profiled its layers
+    table = _table(title, ["layer", "op", "weight", "activation", "weight scale", "SQNR dB",
+                           *(("float µs", "int8 µs") if timed else ())], left=("layer", "op", "weight", "activation"))
     for r in shown:
-        _add(table, r["layer"], r["op"], r["weight"], r.get("activation") or "-", _scale_range(r), _db(r.get("sqnr_db")))
+        times = (_opt(r.get("float_us"), ".0f"), _opt(r.get("int8_us"), ".0f")) if timed else ()
+        _add(table, r["layer"], r["op"], r["weight"], r.get("activation") or "-", _scale_range(r), _db(r.get("sqnr_db")), *times)
     if len(rows) > limit:
         table.caption, table.caption_justify = f"{len(rows) - limit} more layers, of higher SQNR, in the report", "left"
     return table

@@ -47,8 +47,10 @@ def require(ep: str) -> None:
         )
 
 
-def session(model: str | os.PathLike | bytes, *, ep: str = "cpu", optimize: bool = False, threads: int = 0):
-    """A session on ``ep``. Graph optimizations are off by default so that what runs is the model as written."""
+def session(model: str | os.PathLike | bytes, *, ep: str = "cpu", optimize: bool = False, threads: int = 0,
+            profile: str | None = None):
+    """A session on ``ep``. Graph optimizations are off by default so that what runs is the model as written.
+    With ``profile`` (a file prefix), onnxruntime records each node's time; ``end_profiling()`` writes it."""
     rt = ort()
     require(ep)
     opts = rt.SessionOptions()
@@ -56,6 +58,9 @@ def session(model: str | os.PathLike | bytes, *, ep: str = "cpu", optimize: bool
     opts.intra_op_num_threads = threads
     if threads:
         opts.inter_op_num_threads = 1
+    if profile:
+        opts.enable_profiling = True
+        opts.profile_file_prefix = profile
     if not optimize:
         opts.graph_optimization_level = rt.GraphOptimizationLevel.ORT_DISABLE_ALL
     source = model if isinstance(model, bytes) else os.fspath(model)

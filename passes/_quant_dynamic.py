@@ -13,19 +13,44 @@ import numpy as np
 import onnx_ir as ir
 
 from ._calibrate import channel_max, outlier_channels
-from ._common import add_initializer, constant, fresh_name, is_standard, rank, replace_value
+from ._common import add_initializer, constant, fresh_name, graphs_of, is_standard, rank, replace_value
 from ._quant_math import quantize_symmetric
+from ._quant_profile import scope
 
 SOURCE_OP = "quant.source_op"  # meta key: the op a MatMulInteger replaced
 
 
-def find_outliers(model: ir.Model, wanted: set[str], options) -> dict[ir.Value, np.ndarray]:
-    """Per quantized input, the channels whose range dwarfs the rest (per-tensor int8 would lose the rest)."""
-    xs = {node.inputs[0] for node in model.graph
-          if is_standard(node, *wanted) and node.op_type != "Gather" and not options.excluded(node) and _weight(node)}
+def dynamic_quantizer(model: ir.Model, options):
+    """``(quantize, scopes)``: ``quantize(model, keep_float)`` rewrites the wanted MatMul/Gemm/Gather
+    nodes of a float model, with outlier channels found here once; ``None`` when there are none."""
+    wanted = set(options.op_types.split("|"))
+    nodes = [n for g in graphs_of(model) for n in g if is_standard(n, *wanted) and not options.excluded(n)]
+    if not nodes:
+        return None
+    outliers = find_outliers(model, nodes, options) if options.calib else {}
+
+    def quantize(target: ir.Model, keep_float: set[str]) -> bool:
+        modified = False
+        for graph in graphs_of(target):
+            shared: dict[ir.Value, tuple] = {}
+            for node in list(graph):
+                if node.graph is not graph or not is_standard(node, *wanted) or options.excluded(node) or scope(node) in keep_float:
+                    continue
+                if node.op_type == "Gather":
+                    modified |= quantize_gather(node, options)
+                else:
+                    modified |= quantize_matmul(node, options, outliers, shared)
+        return modified
+
+    return quantize, list(dict.fromkeys(scope(n) for n in nodes))
+
+
+def find_outliers(model: ir.Model, nodes: list[ir.Node], options) -> dict[str, np.ndarray]:
+    """Per quantized input (by name), the channels whose range dwarfs the rest (per-tensor int8 would lose the rest)."""
+    xs = {node.inputs[0] for node in nodes if node.op_type != "Gather" and _weight(node)}
     ranges = channel_max(model, list(xs), options.calib)
-    found = {x: outlier_channels(ranges[x.name], options.outliers, options.max_outliers) for x in xs if x.name in ranges}
-    return {x: cols for x, cols in found.items() if cols.size}
+    found = {x.name: outlier_channels(ranges[x.name], options.outliers, options.max_outliers) for x in xs if x.name in ranges}
+    return {name: cols for name, cols in found.items() if cols.size}
 
 
 def quantize_matmul(node: ir.Node, options, outliers: dict, shared: dict) -> bool:
@@ -36,7 +61,7 @@ def quantize_matmul(node: ir.Node, options, outliers: dict, shared: dict) -> boo
     x, w, bias = weight
     graph = node.graph
     base = node.name or node.outputs[0].name or "quant"
-    cols = outliers.get(x)
+    cols = outliers.get(x.name)
     if cols is not None:
         w, kept = w.copy(), w[cols]
         w[cols] = 0

@@ -14,12 +14,11 @@ import numpy as np
 import onnx_ir as ir
 
 from ._calib_ranges import RangeCollector
-from onnxopt import compare
-
-from ._calibrate import first_batch, run_values, session
+from ._calibrate import run_values
 from ._common import add_initializer, constant, fresh_name, is_standard
 from ._quant_bias import ChannelMean, channel_axis, corrected_bias
 from ._quant_math import dequantize, quantize_symmetric
+from ._quant_profile import scope
 from ._quant_smooth import SMOOTHING
 
 # op type -> indices of its data inputs (the rest are weights, biases, shapes)
@@ -30,7 +29,6 @@ INTEGER_OPS = {
     "Split": (0,), "Slice": (0,), "LeakyRelu": (0,), "Softmax": (0,),
 }
 WEIGHTED = ("Conv", "MatMul", "Gemm")
-EVAL_ROWS = 8  # calibration samples the accuracy search checks each candidate on
 # Ops that only move or select values: onnxruntime drops their Q/DQ (or runs them in int8) only when the
 # output's scale and zero point are the input's, which also makes them exact in int8.
 SAME_SCALE = ("Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten", "Split", "Slice", "MaxPool", "Resize")
@@ -161,21 +159,24 @@ def quantize_weights(node: ir.Node, x_scale: np.float32, per_channel: bool, opse
     node.replace_input_with(2, bdq.outputs[0])
 
 
-def quantize_static(model: ir.Model, options) -> tuple[bool, list[str]]:
-    """QDQ in place; returns whether the model changed and the node scopes kept in float for accuracy."""
+def static_quantizer(model: ir.Model, options):
+    """``(quantize, scopes)``: ``quantize(model, keep_float)`` puts QDQ on a float model, with ranges
+    calibrated here once; ``scopes`` are those it can quantize. ``None`` when nothing can be."""
     if model.opset_imports.get("", 1) < 10:
-        return False, []
+        return None
     nodes, values = candidates(model.graph, options.excluded)
     if not nodes:
-        return False, []
+        return None
     axes = {n.inputs[0].name: channel_axis(n) for n in nodes if channel_axis(n) is not None} if options.bias_correction else {}
     ranges, means = calibrate(model, values, options.calib, options.method, options.percentile, axes)
-    kept = keep_float_for_accuracy(model.clone(), options, ranges, means)
-    apply_qdq(model, options, ranges, lambda n: options.excluded(n) or scope(n) in kept, means)
-    return True, sorted(kept)
+
+    def quantize(target: ir.Model, keep_float: set[str]) -> bool:
+        return apply_qdq(target, options, ranges, lambda n: options.excluded(n) or scope(n) in keep_float, means)
+
+    return quantize, list(dict.fromkeys(scope(n) for n in nodes))
 
 
-def apply_qdq(model: ir.Model, options, ranges: dict[str, tuple[float, float]], excluded, means: dict | None = None) -> None:
+def apply_qdq(model: ir.Model, options, ranges: dict[str, tuple[float, float]], excluded, means: dict | None = None) -> bool:
     graph = model.graph
     opset = model.opset_imports.get("", 1)
     nodes, values = candidates(graph, excluded)
@@ -187,44 +188,7 @@ def apply_qdq(model: ir.Model, options, ranges: dict[str, tuple[float, float]], 
     for node in nodes:
         if node.op_type in WEIGHTED and node.inputs[0] in scales:
             quantize_weights(node, scales[node.inputs[0]], options.per_channel, opset, (means or {}).get(input_names[node]))
-
-
-def scope(node: ir.Node) -> str:
-    """The exporter's module path of a node (``/model.2/m.0/cv1/conv/Conv`` → ``/model.2/m.0/cv1/conv``)."""
-    name = node.name or node.outputs[0].name or ""
-    return name.rsplit("/", 1)[0] if "/" in name.strip("/") else name
-
-
-def keep_float_for_accuracy(float_model: ir.Model, options, ranges: dict, means: dict | None = None) -> set[str]:
-    """Scopes to leave in float so that the outputs keep ``min_cosine`` on calibration samples.
-
-    Quantized whole, the model is checked on the first calibration samples. Below the budget, each
-    scope is quantized alone to measure what it costs, and the costliest are kept in float, as few
-    as the budget allows (doubling, then bisecting, the number kept).
-    """
-    feeds = first_batch(float_model, options.calib, EVAL_ROWS)
-    reference = compare.run_session(session(float_model), feeds)
-
-    def cosine(kept: set[str]) -> float:
-        trial = float_model.clone()
-        apply_qdq(trial, options, ranges, lambda n: options.excluded(n) or scope(n) in kept, means)
-        got = compare.run_session(session(trial), feeds)
-        return min(compare.compare_arrays(k, reference[k], got[k], 0.0, 0.0).cosine for k in reference)
-
-    if cosine(set()) >= options.min_cosine:
-        return set()
-    scopes = list(dict.fromkeys(scope(n) for n in candidates(float_model.graph, options.excluded)[0]))
-    every = set(scopes)
-    cost = {s: 1.0 - cosine(every - {s}) for s in scopes}
-    ranked = sorted(scopes, key=lambda s: -cost[s])
-    count = 1
-    while count < len(ranked) and cosine(set(ranked[:count])) < options.min_cosine:
-        count *= 2
-    low, high = count // 2, min(count, len(ranked))
-    while low + 1 < high:  # the fewest kept that meet the budget lies in (low, high]
-        middle = (low + high) // 2
-        low, high = (low, middle) if cosine(set(ranked[:middle])) >= options.min_cosine else (middle, high)
-    return set(ranked[:high])
+    return bool(nodes)
 
 
 def _inherited(value: ir.Value, params: dict) -> tuple | None:

@@ -13,11 +13,13 @@ import onnx_ir as ir
 from onnxopt.errors import UsageError
 from onnxopt.passbase import Option, OptPass
 
-from ._common import graphs_of, infer_shapes, is_standard, lift_constants, remove_unused
-from ._quant_dynamic import dynamic_matmuls, find_outliers, quantize_gather, quantize_matmul
+from ._calibrate import first_batch
+from ._common import graphs_of, infer_shapes, lift_constants, remove_unused
+from ._quant_dynamic import dynamic_matmuls, dynamic_quantizer
 from ._quant_layers import layers as quant_layers
+from ._quant_search import keep_float_for_accuracy, keep_float_for_speed
 from ._quant_smooth import smooth_inputs
-from ._quant_static import quantize_static, static_matmuls
+from ._quant_static import static_matmuls, static_quantizer
 from ._quant_tune import latencies, tuning_feeds
 
 QUANTIZED_OPS = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "MatMulInteger", "ConvInteger",
@@ -27,6 +29,7 @@ MODES = ("dynamic", "static")
 METHODS = ("minmax", "percentile", "entropy")
 OP_TYPES = ("MatMul", "Gemm", "Gather")
 NOTE_SCOPES = 12  # scopes kept in float that the run's note names
+EVAL_ROWS = 8  # calibration samples the accuracy search checks each candidate on
 
 
 class Quantize(OptPass):
@@ -48,7 +51,7 @@ class Quantize(OptPass):
         Option("symmetric_activations", bool, False, "static: activation ranges symmetric about 0 (zero point 0 or 128)"),
         Option("smooth", float, 0.0, "with calib: SmoothQuant alpha in (0, 1] moving activation outliers of MatMul inputs into the weights (0: off)"),
         Option("bias_correction", bool, False, "static: shift Conv/Gemm biases by the mean error the int8 weights add on calibration data"),
-        Option("tune", str, "off", "latency: time int8 against float in onnxruntime and keep int8 only if faster"),
+        Option("tune", str, "latency", "latency: profile int8 against float in onnxruntime, keep int8 only in scopes and models it makes faster; off: int8 wherever it fits"),
         Option("min_cosine", float, 0.99, "fidelity budget: the least output cosine the check accepts; static also keeps layers float to hold it on calib"),
     )
 
@@ -84,10 +87,15 @@ class Quantize(OptPass):
 
     def notes(self) -> list[str]:
         notes = []
+        if getattr(self, "idle", False) and self.mode == "dynamic":
+            notes.append(f"nothing to quantize: no {self.op_types} with a constant float weight outside exclude; "
+                         "Conv stays float in dynamic mode: try mode=static,calib=PATH")
+        elif getattr(self, "idle", False):
+            notes.append("nothing to quantize: no node onnxruntime runs in int8 outside exclude (or the opset is below 10)")
         if getattr(self, "kept_float", None):
-            kept = self.kept_float
-            listed = ", ".join(kept[:NOTE_SCOPES]) + (f" and {len(kept) - NOTE_SCOPES} more" if len(kept) > NOTE_SCOPES else "")
-            notes.append(f"kept {len(kept)} scopes in float to hold min_cosine={self.min_cosine:g} on the calibration samples: {listed}")
+            notes.append(f"kept {_listed(self.kept_float)} in float to hold min_cosine={self.min_cosine:g} on the calibration samples")
+        if getattr(self, "slow_float", None):
+            notes.append(f"kept {_listed(self.slow_float)} in float: their int8 kernels were slower in onnxruntime's profile")
         if getattr(self, "timed", None):
             fp, q = self.timed
             verdict = "kept int8" if q < fp else "int8 cannot speed up this model on this CPU: kept the float model"
@@ -102,42 +110,57 @@ class Quantize(OptPass):
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         _refuse_quantized(model)
-        self.kept_float, self.timed = [], None
-        original = model.clone() if self.tune == "latency" else None
-        modified = self._quantize(model)
-        if original is not None and modified:
-            self.timed = latencies(original, model, tuning_feeds(original, self.calib))
-            if self.timed[1] >= self.timed[0]:  # int8 is not faster here: hand back the float model
-                model.graph = original.graph
-                modified = False
-        return ir.passes.PassResult(model, modified)
-
-    def _quantize(self, model: ir.Model) -> bool:
+        self.kept_float, self.slow_float, self.profile, self.timed, self.idle = [], [], [], None, False
         lift_constants(model)
         infer_shapes(model)  # both modes check the element types of the activations they quantize
         smoothed = self._smooth(model)
-        modified = self._static(model) if self.mode == "static" else self._dynamic(model)
+        planned = (static_quantizer if self.mode == "static" else dynamic_quantizer)(model, self)
+        if planned is None:
+            self.idle = True
+            return ir.passes.PassResult(model, smoothed)
+        quantize, scopes = planned
+        float_model = model.clone()
+        kept = self._keep_for_accuracy(float_model, scopes, quantize)
+        slow: set[str] = set()
+        if self.tune == "latency":
+            feeds = tuning_feeds(float_model, self.calib, self.example_shapes)
+            slow, self.profile = keep_float_for_speed(float_model, scopes, quantize, kept, feeds)
+        self.kept_float, self.slow_float = sorted(kept), sorted(slow)
+        modified = quantize(model, kept | slow) or smoothed
         remove_unused(model)  # the float weights the int8 ones replace
-        return modified or smoothed
+        if self.tune == "latency":
+            modified = self._keep_if_faster(model, modified, float_model, quantize, kept, feeds)
+        return ir.passes.PassResult(model, modified)
 
-    def _static(self, model: ir.Model) -> bool:
-        modified, self.kept_float = quantize_static(model, self)
-        return modified
+    def _keep_for_accuracy(self, float_model: ir.Model, scopes: list[str], quantize) -> set[str]:
+        """Without calibration data there is nothing to measure the budget on: the run's check enforces it."""
+        if not self.calib:
+            return set()
+        feeds = first_batch(float_model, self.calib, EVAL_ROWS)
+        return keep_float_for_accuracy(float_model, scopes, quantize, feeds, self.min_cosine)
 
-    def _dynamic(self, model: ir.Model) -> bool:
-        wanted = set(_split(self.op_types))
-        outliers = find_outliers(model, wanted, self) if self.calib else {}
-        modified = False
-        for graph in graphs_of(model):
-            shared: dict[ir.Value, tuple[ir.Value, ir.Value, ir.Value]] = {}
-            for node in list(graph):
-                if node.graph is not graph or not is_standard(node, *wanted) or self.excluded(node):
-                    continue
-                if node.op_type == "Gather":
-                    modified |= quantize_gather(node, self)
-                else:
-                    modified |= quantize_matmul(node, self, outliers, shared)
-        return modified
+    def _keep_if_faster(self, model: ir.Model, placed: bool, float_model: ir.Model, quantize, kept: set[str], feeds) -> bool:
+        """Time the float model, the placed int8 one and (when the profile moved scopes back to float)
+        int8 everywhere the budget allows, side by side; ``model`` becomes the fastest."""
+        candidates = {"float": float_model}
+        if placed:
+            candidates["placed"] = model
+        if self.slow_float:
+            candidates["int8"] = float_model.clone()
+            quantize(candidates["int8"], kept)
+            remove_unused(candidates["int8"])
+        if len(candidates) == 1:
+            return False
+        p50 = dict(zip(candidates, latencies(list(candidates.values()), feeds)))
+        best = min(p50, key=p50.get)
+        self.timed = (p50["float"], min(t for name, t in p50.items() if name != "float"))
+        if best == "float":  # int8 is not faster here: hand back the float model
+            model.graph = float_model.graph
+            return False
+        if best == "int8":  # the profile's placement lost to int8 everywhere when timed whole
+            model.graph = candidates["int8"].graph
+            self.slow_float = []
+        return True
 
     def _smooth(self, model: ir.Model) -> bool:
         """SmoothQuant on the inputs of the MatMuls about to be quantized, before anything is calibrated."""
@@ -148,6 +171,11 @@ class Quantize(OptPass):
 
     def excluded(self, node: ir.Node) -> bool:
         return any(p.fullmatch(node.name or "") for p in self._exclude)
+
+
+def _listed(scopes: list[str]) -> str:
+    more = f" and {len(scopes) - NOTE_SCOPES} more" if len(scopes) > NOTE_SCOPES else ""
+    return f"{len(scopes)} scopes ({', '.join(scopes[:NOTE_SCOPES])}{more})"
 
 
 def _split(spec: str) -> list[str]:

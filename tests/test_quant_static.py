@@ -54,7 +54,7 @@ def test_symmetric_activations_center_the_zero_point():
 @pytest.mark.parametrize("method", ["minmax", "percentile", "entropy"])
 def test_qdq_runs_as_integer_kernels_and_matches_float(calib, method, tmp_path):
     proto = conv_silu_model()
-    model, _ = onnxopt.run(ir.serde.deserialize_model(proto), [Quantize(mode="static", calib=calib, method=method)])
+    model, _ = onnxopt.run(ir.serde.deserialize_model(proto), [Quantize(tune="off", mode="static", calib=calib, method=method)])
     kinds = ops(model)
     assert kinds.count("QuantizeLinear") == 5 and kinds.count("Conv") == 2  # x, c1, s, a, y
     weights = [n for n in model.graph if n.op_type == "DequantizeLinear" and n.inputs[0].const_value is not None]
@@ -81,23 +81,23 @@ def test_qdq_runs_as_integer_kernels_and_matches_float(calib, method, tmp_path):
 
 def test_exclude_keeps_float(calib):
     model, _ = onnxopt.run(ir.serde.deserialize_model(conv_silu_model()),
-                           [Quantize(mode="static", calib=calib, exclude="")])
+                           [Quantize(tune="off", mode="static", calib=calib, exclude="")])
     assert ops(model).count("QuantizeLinear") == 5
     proto = conv_silu_model()
     for i, node in enumerate(proto.graph.node):
         node.name = f"n{i}"
-    model, _ = onnxopt.run(ir.serde.deserialize_model(proto), [Quantize(mode="static", calib=calib, exclude="n[1-3]")])
+    model, _ = onnxopt.run(ir.serde.deserialize_model(proto), [Quantize(tune="off", mode="static", calib=calib, exclude="n[1-3]")])
     assert ops(model).count("QuantizeLinear") == 2  # the first Conv's input and output only
 
 
 def test_static_needs_calibration_data(tmp_path):
     with pytest.raises(UsageError, match="mode=static needs calibration data"):
-        Quantize(mode="static")
+        Quantize(tune="off", mode="static")
     with pytest.raises(UsageError, match="method must be one of"):
-        Quantize(mode="static", calib="x.npz", method="mse")
+        Quantize(tune="off", mode="static", calib="x.npz", method="mse")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        onnxopt.run(ir.serde.deserialize_model(conv_silu_model()), [Quantize(mode="static", calib="random")])
+        onnxopt.run(ir.serde.deserialize_model(conv_silu_model()), [Quantize(tune="off", mode="static", calib="random")])
     assert any("random inputs" in str(w.message) for w in caught)
 
 
@@ -109,7 +109,7 @@ def test_data_movement_keeps_the_input_scale(calib):
              helper.make_node("Conv", ["p", "w2"], ["y"])]
     proto = make_model(nodes, [("x", F, ["n", 3, 16, 16])], [("y", F, ["n", 2, 8, 8])],
                        {"w": w, "w2": (RNG.standard_normal((2, 4, 1, 1)) * 0.3).astype(np.float32)})
-    model, _ = onnxopt.run(ir.serde.deserialize_model(proto), [Quantize(mode="static", calib=calib, min_cosine=0.5)])
+    model, _ = onnxopt.run(ir.serde.deserialize_model(proto), [Quantize(tune="off", mode="static", calib=calib, min_cosine=0.5)])
     pool = next(n for n in model.graph if n.op_type == "MaxPool")
     before = pool.inputs[0].producer()  # the DQ of the first Conv's output
     after = next(u.node for u in pool.outputs[0].uses())  # the Q of the pool's output
@@ -122,7 +122,7 @@ def test_cli_warns_in_one_line(tmp_path, capsys):
 
     path = tmp_path / "m.onnx"
     onnx.save(conv_silu_model(), str(path))
-    assert cli("run", path, "--passes", "quant(mode=static,calib=random)", "--shape", "x=1,3,16,16", "-o", tmp_path / "q.onnx") == 0
+    assert cli("run", path, "--passes", "quant(mode=static,calib=random,tune=off)", "--shape", "x=1,3,16,16", "-o", tmp_path / "q.onnx") == 0
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("warning: pass quant: calibrating on random inputs")
     assert cli("run", path, "--passes", "quant(mode=static)", "-o", tmp_path / "r.onnx") == 2
@@ -139,12 +139,13 @@ def test_min_cosine_keeps_the_costliest_scopes_in_float(calib, tmp_path):
     big = onnx.numpy_helper.to_array(w2).copy()
     big[0, 0] = 400.0  # one output channel dwarfs the others: per-tensor int8 output loses the rest
     w2.CopyFrom(onnx.numpy_helper.from_array(big, "w2"))
-    loose, _ = onnxopt.run(ir.serde.deserialize_model(proto), [Quantize(mode="static", calib=calib, min_cosine=0.5)])
-    strict = Quantize(mode="static", calib=calib, min_cosine=0.9999)
+    loose, _ = onnxopt.run(ir.serde.deserialize_model(proto), [Quantize(tune="off", mode="static", calib=calib, min_cosine=0.5)])
+    strict = Quantize(tune="off", mode="static", calib=calib, min_cosine=0.9999)
     tight, report = onnxopt.run(ir.serde.deserialize_model(proto), [strict])
     kept = strict.kept_float
     assert kept and set(kept) <= {"/block0/conv", "/block0/act", "/head/conv"}
-    assert report.passes[0].notes[0].startswith(f"kept {len(kept)} scopes in float to hold min_cosine=0.9999")
+    assert report.passes[0].notes[0].startswith(f"kept {len(kept)} scopes (")
+    assert "in float to hold min_cosine=0.9999" in report.passes[0].notes[0]
     x = np.load(calib)["x"][:8]  # the samples the search holds the budget on
     expected = run_proto(proto, {"x": x})["y"]
 
