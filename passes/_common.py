@@ -75,6 +75,11 @@ def remove_unused(model: ir.Model) -> bool:
     return common.RemoveUnusedNodesPass()(model).modified
 
 
+def unique_names(model: ir.Model) -> None:
+    """Names of new values are unique per graph; onnxruntime wants them unique across subgraphs too."""
+    common.NameFixPass()(model)
+
+
 def infer_shapes(model: ir.Model) -> None:
     """Refresh value shapes and types; a model onnx cannot infer keeps the ones it has.
 

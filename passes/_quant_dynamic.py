@@ -21,8 +21,10 @@ SOURCE_OP = "quant.source_op"  # meta key: the op a MatMulInteger replaced
 
 
 def dynamic_quantizer(model: ir.Model, options):
-    """``(quantize, scopes)``: ``quantize(model, keep_float)`` rewrites the wanted MatMul/Gemm/Gather
-    nodes of a float model, with outlier channels found here once; ``None`` when there are none."""
+    """``(quantize, scopes, timed)``: ``quantize(model, keep_float)`` rewrites the wanted MatMul/Gemm/Gather
+    nodes of a float model, with outlier channels found here once; ``scopes`` are those it can quantize,
+    ``timed`` those whose int8 is for speed (an int8 embedding table is for size: it stays whatever its
+    DequantizeLinear costs). ``None`` when there are none."""
     wanted = set(options.op_types.split("|"))
     nodes = [n for g in graphs_of(model) for n in g if is_standard(n, *wanted) and not options.excluded(n)]
     if not nodes:
@@ -42,7 +44,8 @@ def dynamic_quantizer(model: ir.Model, options):
                     modified |= quantize_matmul(node, options, outliers, shared)
         return modified
 
-    return quantize, list(dict.fromkeys(scope(n) for n in nodes))
+    scopes = list(dict.fromkeys(scope(n) for n in nodes))
+    return quantize, scopes, list(dict.fromkeys(scope(n) for n in nodes if n.op_type != "Gather"))
 
 
 def find_outliers(model: ir.Model, nodes: list[ir.Node], options) -> dict[str, np.ndarray]:

@@ -160,8 +160,9 @@ def quantize_weights(node: ir.Node, x_scale: np.float32, per_channel: bool, opse
 
 
 def static_quantizer(model: ir.Model, options):
-    """``(quantize, scopes)``: ``quantize(model, keep_float)`` puts QDQ on a float model, with ranges
-    calibrated here once; ``scopes`` are those it can quantize. ``None`` when nothing can be."""
+    """``(quantize, scopes, scopes)``: ``quantize(model, keep_float)`` puts QDQ on a float model, with
+    ranges calibrated here once; ``scopes`` are those it can quantize (all for speed). ``None`` when
+    nothing can be."""
     if model.opset_imports.get("", 1) < 10:
         return None
     nodes, values = candidates(model.graph, options.excluded)
@@ -173,7 +174,8 @@ def static_quantizer(model: ir.Model, options):
     def quantize(target: ir.Model, keep_float: set[str]) -> bool:
         return apply_qdq(target, options, ranges, lambda n: options.excluded(n) or scope(n) in keep_float, means)
 
-    return quantize, list(dict.fromkeys(scope(n) for n in nodes))
+    scopes = list(dict.fromkeys(scope(n) for n in nodes))
+    return quantize, scopes, scopes
 
 
 def apply_qdq(model: ir.Model, options, ranges: dict[str, tuple[float, float]], excluded, means: dict | None = None) -> bool:

@@ -14,7 +14,7 @@ from onnxopt.errors import UsageError
 from onnxopt.passbase import Option, OptPass
 
 from ._calibrate import first_batch
-from ._common import graphs_of, infer_shapes, lift_constants, remove_unused
+from ._common import graphs_of, infer_shapes, lift_constants, remove_unused, unique_names
 from ._quant_dynamic import dynamic_matmuls, dynamic_quantizer
 from ._quant_layers import layers as quant_layers
 from ._quant_search import keep_float_for_accuracy, keep_float_for_speed
@@ -30,6 +30,7 @@ METHODS = ("minmax", "percentile", "entropy")
 OP_TYPES = ("MatMul", "Gemm", "Gather")
 NOTE_SCOPES = 12  # scopes kept in float that the run's note names
 EVAL_ROWS = 8  # calibration samples the accuracy search checks each candidate on
+MIN_GAIN = 1.05  # tune=latency keeps int8 only when it is at least this much faster than float
 
 
 class Quantize(OptPass):
@@ -52,7 +53,7 @@ class Quantize(OptPass):
         Option("smooth", float, 0.0, "with calib: SmoothQuant alpha in (0, 1] moving activation outliers of MatMul inputs into the weights (0: off)"),
         Option("bias_correction", bool, False, "static: shift Conv/Gemm biases by the mean error the int8 weights add on calibration data"),
         Option("tune", str, "latency", "latency: profile int8 against float in onnxruntime, keep int8 only in scopes and models it makes faster; off: int8 wherever it fits"),
-        Option("min_cosine", float, 0.99, "fidelity budget: the least output cosine the check accepts; static also keeps layers float to hold it on calib"),
+        Option("min_cosine", float, 0.99, "fidelity budget: the least output cosine the check accepts; with calib, the costliest layers stay float to hold it there"),
     )
 
     def __init__(self, **values):
@@ -98,7 +99,8 @@ class Quantize(OptPass):
             notes.append(f"kept {_listed(self.slow_float)} in float: their int8 kernels were slower in onnxruntime's profile")
         if getattr(self, "timed", None):
             fp, q = self.timed
-            verdict = "kept int8" if q < fp else "int8 cannot speed up this model on this CPU: kept the float model"
+            verdict = "kept int8" if fp / q >= MIN_GAIN else \
+                f"int8 cannot speed up this model on this CPU (by {MIN_GAIN:g}x or more): kept the float model"
             notes.append(f"tune=latency: int8 p50 {q:.3f} ms vs float {fp:.3f} ms ({fp / q:.2f}x): {verdict}")
         return notes
 
@@ -113,23 +115,25 @@ class Quantize(OptPass):
         self.kept_float, self.slow_float, self.profile, self.timed, self.idle = [], [], [], None, False
         lift_constants(model)
         infer_shapes(model)  # both modes check the element types of the activations they quantize
+        original = model.clone()  # what a float verdict of tune=latency hands back (shares the tensors)
         smoothed = self._smooth(model)
         planned = (static_quantizer if self.mode == "static" else dynamic_quantizer)(model, self)
         if planned is None:
             self.idle = True
             return ir.passes.PassResult(model, smoothed)
-        quantize, scopes = planned
+        quantize, scopes, timed = planned
         float_model = model.clone()
         kept = self._keep_for_accuracy(float_model, scopes, quantize)
         slow: set[str] = set()
         if self.tune == "latency":
             feeds = tuning_feeds(float_model, self.calib, self.example_shapes)
-            slow, self.profile = keep_float_for_speed(float_model, scopes, quantize, kept, feeds)
+            slow, self.profile = keep_float_for_speed(float_model, timed, quantize, kept, feeds)
         self.kept_float, self.slow_float = sorted(kept), sorted(slow)
         modified = quantize(model, kept | slow) or smoothed
         remove_unused(model)  # the float weights the int8 ones replace
+        unique_names(model)
         if self.tune == "latency":
-            modified = self._keep_if_faster(model, modified, float_model, quantize, kept, feeds)
+            modified = self._keep_if_faster(model, modified, original, float_model, quantize, kept, feeds)
         return ir.passes.PassResult(model, modified)
 
     def _keep_for_accuracy(self, float_model: ir.Model, scopes: list[str], quantize) -> set[str]:
@@ -139,10 +143,11 @@ class Quantize(OptPass):
         feeds = first_batch(float_model, self.calib, EVAL_ROWS)
         return keep_float_for_accuracy(float_model, scopes, quantize, feeds, self.min_cosine)
 
-    def _keep_if_faster(self, model: ir.Model, placed: bool, float_model: ir.Model, quantize, kept: set[str], feeds) -> bool:
-        """Time the float model, the placed int8 one and (when the profile moved scopes back to float)
+    def _keep_if_faster(self, model: ir.Model, placed: bool, original: ir.Model, float_model: ir.Model, quantize,
+                        kept: set[str], feeds) -> bool:
+        """Time the input model, the placed int8 one and (when the profile moved scopes back to float)
         int8 everywhere the budget allows, side by side; ``model`` becomes the fastest."""
-        candidates = {"float": float_model}
+        candidates = {"float": original}
         if placed:
             candidates["placed"] = model
         if self.slow_float:
@@ -152,10 +157,12 @@ class Quantize(OptPass):
         if len(candidates) == 1:
             return False
         p50 = dict(zip(candidates, latencies(list(candidates.values()), feeds)))
+        p50["float"] /= MIN_GAIN  # a gain within timing noise is not worth int8's error
         best = min(p50, key=p50.get)
+        p50["float"] *= MIN_GAIN
         self.timed = (p50["float"], min(t for name, t in p50.items() if name != "float"))
-        if best == "float":  # int8 is not faster here: hand back the float model
-            model.graph = float_model.graph
+        if best == "float":  # int8 is not faster here: hand back the input model
+            model.graph = original.graph
             return False
         if best == "int8":  # the profile's placement lost to int8 everywhere when timed whole
             model.graph = candidates["int8"].graph

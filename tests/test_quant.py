@@ -233,3 +233,30 @@ def test_dynamic_min_cosine_keeps_the_costly_matmul_in_float(tmp_path):
     cos = (got["y1"] * (x[:8] @ w1)).sum() / np.linalg.norm(got["y1"]) / np.linalg.norm(x[:8] @ w1)
     assert cos >= 0.9999
     assert "kept 1 scopes (/spiky) in float to hold min_cosine=0.9999" in report.passes[0].notes[0]
+
+
+@pytest.mark.parametrize("mode", ["dynamic", "static"])
+def test_models_with_subgraphs(mode, tmp_path):
+    """A MatMul inside an If branch: dynamic quantizes it there, static leaves the branch float; neither crashes."""
+    w, v = rand(16, 8), rand(16, 8)
+    then_branch = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["t"], name="/then/MatMul")], "then", [],
+                                    [helper.make_tensor_value_info("t", F, ["n", 8])])
+    else_branch = helper.make_graph([helper.make_node("Neg", ["h"], ["e"], name="/else/Neg")], "else", [],
+                                    [helper.make_tensor_value_info("e", F, ["n", 8])])
+    proto = make_model(
+        [helper.make_node("MatMul", ["x", "v"], ["h"], name="/main/MatMul"),
+         helper.make_node("ReduceSum", ["x"], ["s"], keepdims=0, name="/main/ReduceSum"),
+         helper.make_node("Greater", ["s", "zero"], ["cond"], name="/main/Greater"),
+         helper.make_node("If", ["cond"], ["y"], then_branch=then_branch, else_branch=else_branch, name="/main/If")],
+        [("x", F, ["n", 16])], [("y", F, ["n", 8])], {"w": w, "v": v, "zero": np.float32(0)})
+    x = np.abs(rand(32, 16))
+    np.savez(tmp_path / "calib.npz", x=np.concatenate([x, -x]))  # calibrated for both branches
+    options = {"calib": str(tmp_path / "calib.npz"), "mode": "static"} if mode == "static" else {}
+    model, _ = onnxopt.run(ir.serde.deserialize_model(proto), [Quantize(tune="off", reduce_range=True, **options)])
+    branch = model.graph.node("/main/If").attributes["then_branch"].value
+    assert [n.op_type for n in branch] == (["MatMul"] if mode == "static" else
+                                           ["DynamicQuantizeLinear", "MatMulInteger", "Cast", "Mul", "Mul"])
+    for sign in (1, -1):  # a positive sum takes the then branch
+        got = run_proto(model, {"x": sign * x[:4]})["y"]
+        expected = sign * x[:4] @ w if sign > 0 else -(sign * x[:4] @ v)
+        assert np.abs(got - expected).max() < 0.05 * np.abs(expected).max()
