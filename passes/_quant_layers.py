@@ -1,6 +1,7 @@
 """Per-layer rows of ``quant``'s report, read back from the node patterns that ``_quant_static`` (QDQ)
 and ``_quant_dynamic`` (DynamicQuantizeLinear → MatMulInteger, int8 Gather tables) write: one row per
-Conv, MatMul, Gemm and Gather that became int8 and per Conv, MatMul and Gemm left in float."""
+Conv, MatMul, Gemm and Gather that became int8 and per Conv, MatMul and Gemm left in float. 4-bit
+layers (``_quant_int4``) are found by the output names the pass recorded, with their weight error."""
 
 from __future__ import annotations
 
@@ -17,10 +18,13 @@ WEIGHTED = ("Conv", "MatMul", "Gemm")
 def layers(model: ir.Model, options) -> list[dict]:
     """The rows of the quantized ``model``; ``options`` is the Quantize pass that made it (why layers stayed float)."""
     rows = []
+    int4 = getattr(options, "int4_layers", None) or {}
     for graph in graphs_of(model):
         by_name = {n.name: n for n in graph if n.name}
         for node in graph:
-            if is_standard(node, "MatMulInteger") and node.name.endswith(".int8"):
+            if node.outputs and node.outputs[0].name in int4:
+                rows.append(_int4_row(node.outputs[0].name, int4[node.outputs[0].name]))
+            elif is_standard(node, "MatMulInteger") and node.name.endswith(".int8"):
                 rows.append(_dynamic_row(node, by_name))
             elif is_standard(node, "Gather") and node.name.endswith(".int8") and _int8(node.inputs[0]):
                 rows.append(_gather_row(node))
@@ -37,6 +41,12 @@ def _row(layer: str, op: str, output: str | None, weight: str, activation: str |
             "weight_scale_min": None, "weight_scale_max": None, "weight_scale_count": None,
             "weight_zero_point_is_zero": None, "activation_scale": None, "activation_zero_point": None,
             "why_float": None, **stats}
+
+
+def _int4_row(output: str, layer: dict) -> dict:
+    """A weight-only 4-bit layer: bits, block and the weight's mean squared error from quantization time."""
+    stats = {k: v for k, v in layer.items() if k not in ("layer", "op", "weight")}
+    return _row(layer["layer"], layer["op"], output, layer["weight"], "float32", **stats)
 
 
 def _weight_stats(scale: np.ndarray | None, zero_point: np.ndarray | None) -> dict:

@@ -1,7 +1,8 @@
 """Quantization to int8: ``quant(mode=dynamic)`` (int8 weights, activations quantized at run time;
 see ``_quant_dynamic``) and ``quant(mode=static, calib=...)`` (QDQ with calibrated ranges; see
-``_quant_static``). Conv stays float in dynamic mode (ConvInteger is slow on CPU). Weights held in
-Constant nodes are lifted first; already-quantized models are refused.
+``_quant_static``). Conv stays float in dynamic mode (ConvInteger is slow on CPU). ``quant(bits=4)``
+is weight-only 4-bit blocks for MatMul weights and embedding tables (see ``_quant_int4``). Weights
+held in Constant nodes are lifted first; already-quantized models are refused.
 """
 
 from __future__ import annotations
@@ -13,9 +14,11 @@ import onnx_ir as ir
 from onnxopt.errors import UsageError
 from onnxopt.passbase import Option, OptPass
 
+from . import _int4_algos
 from ._calibrate import first_batch
 from ._common import graphs_of, infer_shapes, lift_constants, remove_unused, unique_names
 from ._quant_dynamic import dynamic_matmuls, dynamic_quantizer
+from ._quant_int4 import quantize_int4
 from ._quant_layers import layers as quant_layers
 from ._quant_search import keep_float_for_accuracy, keep_float_for_speed
 from ._quant_smooth import smooth_inputs
@@ -31,6 +34,13 @@ OP_TYPES = ("MatMul", "Gemm", "Gather")
 NOTE_SCOPES = 12  # scopes kept in float that the run's note names
 EVAL_ROWS = 8  # calibration samples the accuracy search checks each candidate on
 MIN_GAIN = 1.05  # tune=latency keeps int8 only when it is at least this much faster than float
+ALGOS = ("rtn", "hqq", "gptq")
+FORMATS = ("ort", "qdq")
+# 4-bit weights move raw outputs on the check's generated inputs much more than on real data (MiniLM:
+# hidden-state cosine 0.94 on a [1, 1] input, 0.85 on [1, 64] of random tokens, for sentence embeddings
+# at 0.956): the default budget of bits=4 only catches a broken model.
+INT4_MIN_COSINE = 0.8
+INT4_OPTIONS = ("block", "symmetric", "algo", "format", "accuracy_level", "keep_8bit")
 
 
 class Quantize(OptPass):
@@ -53,11 +63,20 @@ class Quantize(OptPass):
         Option("smooth", float, 0.0, "with calib: SmoothQuant alpha in (0, 1] moving activation outliers of MatMul inputs into the weights (0: off)"),
         Option("bias_correction", bool, False, "static: shift Conv/Gemm biases by the mean error the int8 weights add on calibration data"),
         Option("tune", str, "latency", "latency: profile int8 against float in onnxruntime, keep int8 only in scopes and models it makes faster; off: int8 wherever it fits"),
-        Option("min_cosine", float, 0.99, "fidelity budget: the least output cosine the check accepts; with calib, the costliest layers stay float to hold it there"),
+        Option("min_cosine", float, 0.99, "fidelity budget: the least output cosine the check accepts (bits=4: 0.8 unless given); with calib, the costliest layers stay float to hold it there"),
+        Option("bits", int, 8, "8, or 4: weight-only 4-bit blocks for MatMul weights and embedding tables (for size and memory; mode, tune and smooth do not apply)"),
+        Option("block", int, 32, "bits=4: weights per block along K (along the embedding dim for tables), each with its own scale; a power of two, at least 16"),
+        Option("symmetric", bool, True, "bits=4: blocks symmetric about 0 (no zero points); false: a 4-bit zero point per block"),
+        Option("algo", str, "rtn", "bits=4: rtn (round to nearest), hqq (data-free fit of each block's scale and zero point) or gptq (needs calib; tables use rtn)"),
+        Option("format", str, "ort", "bits=4: ort (onnxruntime's MatMulNBits and GatherBlockQuantized) or qdq (blocked DequantizeLinear of int4 weights, standard ONNX at opset 21)"),
+        Option("accuracy_level", int, 0, "bits=4, format=ort: MatMulNBits' least precision of its input: 0 as given, 1 fp32, 2 fp16, 3 bf16, 4 int8. 0 because on an AVX2 CPU without VNNI 4 was no faster at batch 1 and 10% slower at batch 32 on MiniLM, for the same accuracy; try 4 on CPUs with VNNI or ARM dot products"),
+        Option("keep_8bit", str, "", "bits=4: MatMul/Gather node names or regexes, separated by |, to quantize to int8 (dynamic) instead"),
     )
 
     def __init__(self, **values):
         super().__init__(**values)
+        self._given = set(values)
+        self._check_bits()
         if self.mode not in MODES:
             raise UsageError(f"pass quant: mode must be one of {', '.join(MODES)}, got {self.mode!r}")
         unknown = set(_split(self.op_types)) - set(OP_TYPES)
@@ -86,7 +105,40 @@ class Quantize(OptPass):
         if self.bias_correction and self.mode != "static":
             raise UsageError("pass quant: bias_correction needs mode=static")
 
+    def _check_bits(self) -> None:
+        if self.bits not in (4, 8):
+            raise UsageError(f"pass quant: bits must be 4 or 8, got {self.bits}")
+        given = [o for o in INT4_OPTIONS if o in self._given]
+        if self.bits == 8 and given:
+            raise UsageError(f"pass quant: {', '.join(given)} apply to bits=4 only")
+        if self.block < 16 or self.block & (self.block - 1):
+            raise UsageError(f"pass quant: block must be a power of two of at least 16, got {self.block}")
+        if self.algo not in ALGOS:
+            raise UsageError(f"pass quant: algo must be one of {', '.join(ALGOS)}, got {self.algo!r}")
+        if self.format not in FORMATS:
+            raise UsageError(f"pass quant: format must be one of {', '.join(FORMATS)}, got {self.format!r}")
+        if not 0 <= self.accuracy_level <= 4:
+            raise UsageError(f"pass quant: accuracy_level must be 0 to 4, got {self.accuracy_level}")
+        if self.keep_8bit.strip() == "auto":
+            raise UsageError("pass quant: keep_8bit=auto (choosing the sensitive layers) is not built yet; name the nodes or regexes")
+        try:
+            self._keep_8bit = [re.compile(p) for p in _split(self.keep_8bit)]
+        except re.error as e:
+            raise UsageError(f"pass quant: keep_8bit has a bad regex: {e}") from None
+        if self.bits != 4:
+            return
+        if self.mode == "static":
+            raise UsageError("pass quant: bits=4 is weight-only: mode=static does not apply (leave mode at dynamic)")
+        if self.smooth:
+            raise UsageError("pass quant: smooth moves outliers out of int8 activations; bits=4 keeps activations float")
+        if self.algo == "gptq" and not self.calib:
+            raise UsageError("pass quant: algo=gptq needs calib=PATH: it weighs each weight's error by its inputs on the calibration data")
+        if self.algo != "rtn" and not hasattr(_int4_algos, self.algo):
+            raise UsageError(f"pass quant: algo={self.algo} is not in this build")
+
     def notes(self) -> list[str]:
+        if self.bits == 4:
+            return self._int4_notes()
         notes = []
         if getattr(self, "idle", False) and self.mode == "dynamic":
             notes.append(f"nothing to quantize: no {self.op_types} with a constant float weight outside exclude; "
@@ -104,7 +156,21 @@ class Quantize(OptPass):
             notes.append(f"tune=latency: int8 p50 {q:.3f} ms vs float {fp:.3f} ms ({fp / q:.2f}x): {verdict}")
         return notes
 
+    def _int4_notes(self) -> list[str]:
+        notes = []
+        if getattr(self, "idle", False):
+            notes.append(f"nothing to quantize: no {'|'.join(t for t in _split(self.op_types) if t != 'Gemm')} "
+                         "with a constant float32 weight outside exclude")
+        if "tune" in self._given:
+            notes.append("tune does not apply to bits=4 (int4 is for size and memory): skipped")
+        if getattr(self, "kept_8bit", None):
+            more = f" and {len(self.kept_8bit) - NOTE_SCOPES} more" if len(self.kept_8bit) > NOTE_SCOPES else ""
+            notes.append(f"kept {len(self.kept_8bit)} nodes at 8 bits (keep_8bit): {', '.join(self.kept_8bit[:NOTE_SCOPES])}{more}")
+        return notes
+
     def fidelity(self) -> float:
+        if self.bits == 4 and "min_cosine" not in self._given:
+            return INT4_MIN_COSINE
         return self.min_cosine
 
     def layers(self, model: ir.Model) -> list[dict]:
@@ -115,6 +181,10 @@ class Quantize(OptPass):
         self.kept_float, self.slow_float, self.profile, self.timed, self.idle = [], [], [], None, False
         lift_constants(model)
         infer_shapes(model)  # both modes check the element types of the activations they quantize
+        if self.bits == 4:
+            modified = quantize_int4(model, self)
+            self.idle = not modified
+            return ir.passes.PassResult(model, modified)
         original = model.clone()  # what a float verdict of tune=latency hands back (shares the tensors)
         smoothed = self._smooth(model)
         planned = (static_quantizer if self.mode == "static" else dynamic_quantizer)(model, self)
@@ -178,6 +248,9 @@ class Quantize(OptPass):
 
     def excluded(self, node: ir.Node) -> bool:
         return any(p.fullmatch(node.name or "") for p in self._exclude)
+
+    def keeps_8bit(self, node: ir.Node) -> bool:
+        return any(p.fullmatch(node.name or "") for p in self._keep_8bit)
 
 
 def _listed(scopes: list[str]) -> str:
