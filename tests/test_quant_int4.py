@@ -23,8 +23,9 @@ def rand(*shape):
 
 
 def quantize(proto, **options):
+    """Symmetric unless asked otherwise: the references below use rtn(..., symmetric=True)."""
     model = ir.serde.deserialize_model(proto)
-    q = Quantize(bits=4, **options)
+    q = Quantize(bits=4, **{"symmetric": True, **options})
     assert q(model).modified
     return model, q
 
