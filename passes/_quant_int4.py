@@ -92,7 +92,9 @@ def _algorithm(w: np.ndarray, options, hessian: np.ndarray | None) -> Blocks:
     if options.algo == "gptq":
         if hessian is None:  # an embedding table: no input to weigh the error by
             return _int4_algos.rtn(w, options.block, options.symmetric)
-        return _int4_algos.gptq(w, options.block, options.symmetric, hessian)
+        # act_order and a shrunk range per block: on MiniLM cos_mean 0.99067 vs 0.98897 without them
+        return _int4_algos.gptq(w, options.block, options.symmetric, hessian, act_order=True,
+                                factors=_int4_algos.RANGE_FACTORS)
     return getattr(_int4_algos, options.algo)(w, options.block, options.symmetric)
 
 
