@@ -20,6 +20,7 @@ import onnx_ir as ir
 from . import _int4_algos
 from ._common import add_initializer, constant, fresh_name, graphs_of, is_standard, rank, remove_unused, unique_names
 from ._int4_algos import Blocks
+from ._int4_mixed import auto_8bit
 from ._int4_gather import gather_block_quantized, gather_then_dequantize, table_initializers
 from ._int4_pack import nbits_layout, qdq_layout
 from ._opset import raise_opset
@@ -42,8 +43,9 @@ def quantize_int4(model: ir.Model, options) -> bool:
     hessians = _hessians(model, targets, options.calib) if options.algo == "gptq" else {}
     done: dict[tuple[ir.Graph, ir.Value], tuple] = {}  # a weight read by several nodes is quantized once per graph
     quantized_inputs: dict = {}  # int8 MatMuls reading the same input share its DynamicQuantizeLinear
+    auto = auto_8bit(model, targets, options, _int4_one) if options.keep_8bit.strip() == "auto" else set()
     for node in targets:
-        if options.keeps_8bit(node):
+        if node in auto or options.keeps_8bit(node):
             options.kept_8bit.append(node.name or node.outputs[0].name)
             _int8(node, options, quantized_inputs)
         elif node.op_type == "Gather":
@@ -55,6 +57,14 @@ def quantize_int4(model: ir.Model, options) -> bool:
     remove_unused(model)
     unique_names(model)
     return True
+
+
+def _int4_one(node: ir.Node, options) -> None:
+    """``node`` alone to 4 bits (for keep_8bit=auto's trials)."""
+    if node.op_type == "Gather":
+        _gather(node, options, {})
+    else:
+        _matmul(node, options, None, {})
 
 
 def _target(node: ir.Node, options) -> bool:
@@ -91,7 +101,7 @@ def _blocks(w: np.ndarray, options, hessian: np.ndarray | None) -> tuple[Blocks,
 def _algorithm(w: np.ndarray, options, hessian: np.ndarray | None) -> Blocks:
     if options.algo == "gptq":
         if hessian is None:  # an embedding table: no input to weigh the error by
-            return _int4_algos.rtn(w, options.block, options.symmetric)
+            return _int4_algos.hqq(w, options.block, options.symmetric)
         # act_order and a shrunk range per block: on MiniLM cos_mean 0.99067 vs 0.98897 without them
         return _int4_algos.gptq(w, options.block, options.symmetric, hessian, act_order=True,
                                 factors=_int4_algos.RANGE_FACTORS)

@@ -189,7 +189,7 @@ def test_keep_8bit_uses_the_dynamic_int8_form():
     ({"format": "gguf"}, "format must be one of"),
     ({"accuracy_level": 5}, "accuracy_level must be 0 to 4"),
     ({"mode": "static", "calib": "random"}, "mode=static does not apply"),
-    ({"keep_8bit": "auto"}, "not built yet"),
+    ({"keep_8bit": "auto"}, "keep_8bit=auto needs calib"),
 ])
 def test_refusals(options, message):
     with pytest.raises(UsageError, match=message):
@@ -224,3 +224,17 @@ def test_nothing_to_quantize_leaves_the_opset_and_says_so():
     q = Quantize(bits=4, format="qdq")
     assert not q(model).modified
     assert model.opset_imports[""] == 17 and any("nothing to quantize" in n for n in q.notes())
+
+
+def test_keep_8bit_auto_keeps_the_costliest_layer_per_byte(tmp_path):
+    """A small weight with one outlier per block loses most at 4 bits: auto keeps it at 8, within the budget."""
+    hard = rand(32, 32) * 0.1
+    hard[::32] = 20.0  # one huge weight per block: 4 bits leave the rest of the block at zero
+    easy = rand(128, 512)  # large enough that the budget (3% of the 4-bit bytes) holds the small layer
+    proto = make_model(
+        [helper.make_node("MatMul", ["a", "hard"], ["y1"], name="hard_mm"), helper.make_node("MatMul", ["b", "easy"], ["y2"], name="easy_mm")],
+        [("a", F, [4, 32]), ("b", F, [4, 128])], [("y1", F, [4, 32]), ("y2", F, [4, 512])], {"hard": hard, "easy": easy})
+    np.savez(tmp_path / "calib.npz", a=rand(16, 4, 32), b=rand(16, 4, 128))
+    model, q = quantize(proto, keep_8bit="auto", calib=str(tmp_path / "calib.npz"))
+    assert q.kept_8bit == ["hard_mm"]
+    assert [n.op_type for n in model.graph if n.op_type in ("MatMulInteger", "MatMulNBits")] == ["MatMulInteger", "MatMulNBits"]

@@ -1,0 +1,56 @@
+"""keep_8bit=auto: the layers whose 4-bit form costs the outputs most, per byte that 8 bits would add,
+kept at 8 bits within a size budget.
+
+Each candidate is quantized to 4 bits alone (round to nearest, the rest float) and the model run on the
+first calibration samples; its cost is how far the worst output's cosine falls. Layers are then taken
+by cost per extra byte (a small table that every token reads first) until the extra bytes would pass
+``BUDGET`` of the 4-bit weights. The trials use round to nearest whatever ``algo`` is, to stay quick.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import onnx_ir as ir
+
+from onnxopt import compare
+
+from ._calibrate import first_batch, session
+from ._common import constant, graphs_of
+
+BUDGET = 0.03  # extra bytes for 8-bit layers, as a fraction of the 4-bit weights' bytes (MiniLM: 14.75 -> 14.97 MB)
+EVAL_ROWS = 8
+
+
+def auto_8bit(model: ir.Model, targets: list[ir.Node], options, quantize_one) -> set[ir.Node]:
+    """The ``targets`` to keep at 8 bits. ``quantize_one(node, options)`` makes one node 4-bit."""
+    feeds = first_batch(model, options.calib, EVAL_ROWS)
+    reference = compare.run_session(session(model), feeds)
+    rtn = copy.copy(options)
+    rtn.algo, rtn.int4_layers = "rtn", {}
+    costs = {}
+    order = _nodes(model)
+    for node in targets:
+        trial = model.clone()
+        quantize_one(_nodes(trial)[order.index(node)], rtn)
+        trial.opset_imports.setdefault("com.microsoft", 1)
+        got = compare.run_session(session(trial), feeds)
+        costs[node] = 1.0 - min(compare.compare_arrays(k, reference[k], got[k], 0.0, 0.0).cosine for k in reference)
+    extra = {n: _weight(n).size / 2 for n in targets}  # 8 bits per weight instead of 4
+    budget = BUDGET * sum(extra.values())  # the 4-bit weights take as many bytes as 8 bits would add
+    kept, spent = set(), 0.0
+    for node in sorted(targets, key=lambda n: -costs[n] / extra[n]):
+        if costs[node] > 0 and spent + extra[node] <= budget:
+            kept.add(node)
+            spent += extra[node]
+    return kept
+
+
+def _weight(node: ir.Node) -> np.ndarray:
+    return constant(node.inputs[1] if node.op_type == "MatMul" else node.inputs[0])
+
+
+def _nodes(model: ir.Model) -> list[ir.Node]:
+    """Every node, subgraphs included, in an order a clone repeats."""
+    return [n for g in graphs_of(model) for n in g]
