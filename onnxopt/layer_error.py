@@ -5,14 +5,12 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 from collections.abc import Iterable
-from pathlib import Path
 
 import numpy as np
 import onnx_ir as ir
 
-from onnxopt import compare, io, runtime
+from onnxopt import compare, io
 from onnxopt.errors import CheckFailed, OnnxoptError, one_line
 
 
@@ -49,16 +47,9 @@ def _value_names(model: ir.Model) -> set[str]:
 
 
 def _run_exposing(model: ir.Model, names: list[str], feeds: dict[str, np.ndarray], what: str) -> dict[str, np.ndarray]:
-    """Run ``model`` with ``names`` added to its outputs (on a tensor-sharing clone written to a
-    temporary file); returns only those values."""
-    copy = model.clone()
-    values = ir.convenience.create_value_mapping(copy.graph)
-    present = {v.name for v in copy.graph.outputs}
-    copy.graph.outputs.extend(values[n] for n in names if n in values and n not in present)
+    """Run ``model`` with ``names`` added to its outputs; returns only those values."""
     try:
-        with tempfile.TemporaryDirectory(prefix="onnxopt-layers-") as folder:
-            sess = runtime.session(io.save(copy, Path(folder, "model.onnx")), optimize=True)
-        results = compare.run_session(sess, feeds)
+        results = compare.run_session(compare.model_session(model, names), feeds)
     except OnnxoptError:
         raise
     except Exception as e:

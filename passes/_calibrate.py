@@ -3,7 +3,6 @@ one batch at a time (memory does not grow with the number of samples)."""
 
 from __future__ import annotations
 
-import tempfile
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -11,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import onnx_ir as ir
 
-from onnxopt import compare, inputs, io, runtime
+from onnxopt import compare, inputs
 from onnxopt.errors import UsageError
 
 BATCH = 16  # rows of the calibration data per run
@@ -21,7 +20,7 @@ RANDOM_SAMPLES = 8
 def run_values(model: ir.Model, values: list[ir.Value], calib: str) -> Iterator[dict[str, np.ndarray]]:
     """For each batch of the calibration data, the float ``values`` (and the inputs) by name."""
     spec = _spec(calib, warn=True)
-    sess = session(model, [v for v in values if v.name and v.dtype == ir.DataType.FLOAT])
+    sess = compare.model_session(model, [v.name for v in values if v.name and v.dtype == ir.DataType.FLOAT])
     runs = 0
     for feeds in spec.batches(model, []):
         results = compare.run_session(sess, feeds)
@@ -30,17 +29,6 @@ def run_values(model: ir.Model, values: list[ir.Value], calib: str) -> Iterator[
         yield results
     if not runs:
         raise UsageError(f"pass quant: calib {calib} holds no samples for this model's inputs")
-
-
-def session(model: ir.Model, outputs: list[ir.Value] = ()):
-    """An optimized onnxruntime session of ``model`` that also returns ``outputs``. The model reaches
-    onnxruntime through a temporary file (with external data when large), not an in-memory copy."""
-    copy = model.clone()  # shares the tensors
-    values = ir.convenience.create_value_mapping(copy.graph)
-    present = {v.name for v in (*copy.graph.inputs, *copy.graph.outputs)}
-    copy.graph.outputs.extend(values[v.name] for v in outputs if v.name in values and v.name not in present)
-    with tempfile.TemporaryDirectory(prefix="onnxopt-") as folder:
-        return runtime.session(io.save(copy, Path(folder, "model.onnx")), optimize=True)
 
 
 def _spec(calib: str, warn: bool = False, batch: int = BATCH) -> inputs.InputSpec:

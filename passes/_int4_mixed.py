@@ -16,8 +16,9 @@ import onnx_ir as ir
 
 from onnxopt import compare
 
-from ._calibrate import first_batch, session
+from ._calibrate import first_batch
 from ._common import constant, graphs_of
+from ._quant_search import worst_cosine
 
 BUDGET = 0.03  # extra bytes for 8-bit layers, as a fraction of the 4-bit weights' bytes (MiniLM: 14.75 -> 14.97 MB)
 EVAL_ROWS = 8
@@ -26,7 +27,7 @@ EVAL_ROWS = 8
 def auto_8bit(model: ir.Model, targets: list[ir.Node], options, quantize_one) -> set[ir.Node]:
     """The ``targets`` to keep at 8 bits. ``quantize_one(node, options)`` makes one node 4-bit."""
     feeds = first_batch(model, options.calib, EVAL_ROWS)
-    reference = compare.run_session(session(model), feeds)
+    reference = compare.run_ir(model, feeds)
     rtn = copy.copy(options)
     rtn.algo, rtn.int4_layers = "rtn", {}
     costs = {}
@@ -35,8 +36,7 @@ def auto_8bit(model: ir.Model, targets: list[ir.Node], options, quantize_one) ->
         trial = model.clone()
         quantize_one(_nodes(trial)[order.index(node)], rtn)
         trial.opset_imports.setdefault("com.microsoft", 1)
-        got = compare.run_session(session(trial), feeds)
-        costs[node] = 1.0 - min(compare.compare_arrays(k, reference[k], got[k], 0.0, 0.0).cosine for k in reference)
+        costs[node] = 1.0 - worst_cosine(reference, trial, feeds)
     extra = {n: _weight(n).size / 2 for n in targets}  # 8 bits per weight instead of 4
     budget = BUDGET * sum(extra.values())  # the 4-bit weights take as many bytes as 8 bits would add
     kept, spent = set(), 0.0

@@ -13,7 +13,6 @@ import onnx_ir as ir
 
 from onnxopt import compare
 
-from ._calibrate import session
 from ._quant_profile import scope, scope_times
 
 QDQ = ("QuantizeLinear", "DequantizeLinear")
@@ -28,13 +27,12 @@ def keep_float_for_accuracy(float_model: ir.Model, scopes: list[str], quantize: 
     Quantized whole, the model is checked first. Below the budget, each scope is quantized alone to
     measure what it costs, and the costliest are kept in float (doubling, then bisecting, the count).
     """
-    reference = compare.run_session(session(float_model), feeds)
+    reference = compare.run_ir(float_model, feeds)
 
     def cosine(kept: set[str]) -> float:
         trial = float_model.clone()
         quantize(trial, kept)
-        got = compare.run_session(session(trial), feeds)
-        return min(compare.compare_arrays(k, reference[k], got[k], 0.0, 0.0).cosine for k in reference)
+        return worst_cosine(reference, trial, feeds)
 
     if cosine(set()) >= min_cosine:
         return set()
@@ -49,6 +47,12 @@ def keep_float_for_accuracy(float_model: ir.Model, scopes: list[str], quantize: 
         middle = (low + high) // 2
         low, high = (low, middle) if cosine(set(ranked[:middle])) >= min_cosine else (middle, high)
     return set(ranked[:high])
+
+
+def worst_cosine(reference: dict[str, np.ndarray], model: ir.Model, feeds: dict[str, np.ndarray]) -> float:
+    """The lowest cosine of ``model``'s outputs on ``feeds`` against the ``reference`` outputs."""
+    got = compare.run_ir(model, feeds)
+    return min(compare.compare_arrays(k, reference[k], got[k], 0.0, 0.0).cosine for k in reference)
 
 
 def keep_float_for_speed(float_model: ir.Model, scopes: list[str], quantize: Quantizer, kept: set[str],

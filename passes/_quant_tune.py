@@ -12,7 +12,7 @@ import onnx_ir as ir
 from onnxopt import bench, compare, inputs, io
 from onnxopt.errors import UsageError, one_line
 
-from ._calibrate import first_batch, session
+from ._calibrate import first_batch
 
 ITERS = 60
 ROWS = 1  # calibration samples per timed run: latency at batch 1
@@ -31,7 +31,7 @@ def tuning_feeds(model: ir.Model, calib: str, shapes: dict[str, list[int]]) -> d
         guessed[value.name] = [d if isinstance(d, int) else (1 if i == 0 else SEQUENCE) for i, d in enumerate(dims)]
     feeds = inputs.generate(model, {**guessed, **shapes})[0]
     try:
-        compare.run_session(session(model), feeds)
+        compare.run_ir(model, feeds)
     except Exception as e:  # onnxruntime's own errors: the guessed shapes do not fit this model
         shown = ", ".join(f"{k}={','.join(map(str, v.shape))}" for k, v in feeds.items())
         raise UsageError(f"pass quant: tune=latency could not run the model on generated inputs ({shown}): {one_line(e)}; "
