@@ -67,7 +67,7 @@ class Quantize(OptPass):
         Option("bits", int, 8, "8, or 4: weight-only 4-bit blocks for MatMul weights and embedding tables (for size and memory; mode, tune and smooth do not apply)"),
         Option("block", int, 32, "bits=4: weights per block along K (along the embedding dim for tables), each with its own scale; a power of two, at least 16"),
         Option("symmetric", bool, False, "bits=4: false: a 4-bit zero point per block (on MiniLM cos 0.973 vs 0.955 symmetric, +0.36 MB); true: symmetric about 0, no zero points"),
-        Option("algo", str, "rtn", "bits=4: rtn (round to nearest), hqq (data-free fit of each block's scale and zero point) or gptq (needs calib; tables use rtn)"),
+        Option("algo", str, "rtn", "bits=4: rtn (round to nearest), hqq (data-free fit of each block's scale and zero point) or gptq (needs calib; embedding tables, with no input to weigh by, use hqq)"),
         Option("format", str, "ort", "bits=4: ort (onnxruntime's MatMulNBits and GatherBlockQuantized) or qdq (blocked DequantizeLinear of int4 weights, standard ONNX at opset 21)"),
         Option("accuracy_level", int, 0, "bits=4, format=ort: MatMulNBits' least precision of its input: 0 as given, 1 fp32, 2 fp16, 3 bf16, 4 int8. 0 because on an AVX2 CPU without VNNI 4 was no faster at batch 1 and 10% slower at batch 32 on MiniLM, for the same accuracy; try 4 on CPUs with VNNI or ARM dot products"),
         Option("keep_8bit", str, "", "bits=4: MatMul/Gather node names or regexes, separated by |, to quantize to int8 (dynamic) instead; auto (with calib): the layers whose 4 bits cost the outputs most per byte, within 3% more weight bytes"),
@@ -164,8 +164,7 @@ class Quantize(OptPass):
         if "tune" in self._given:
             notes.append("tune does not apply to bits=4 (int4 is for size and memory): skipped")
         if getattr(self, "kept_8bit", None):
-            more = f" and {len(self.kept_8bit) - NOTE_SCOPES} more" if len(self.kept_8bit) > NOTE_SCOPES else ""
-            notes.append(f"kept {len(self.kept_8bit)} nodes at 8 bits (keep_8bit): {', '.join(self.kept_8bit[:NOTE_SCOPES])}{more}")
+            notes.append(f"kept {_listed(self.kept_8bit, 'nodes')} at 8 bits (keep_8bit)")
         return notes
 
     def fidelity(self) -> float:
@@ -253,9 +252,9 @@ class Quantize(OptPass):
         return any(p.fullmatch(node.name or "") for p in self._keep_8bit)
 
 
-def _listed(scopes: list[str]) -> str:
-    more = f" and {len(scopes) - NOTE_SCOPES} more" if len(scopes) > NOTE_SCOPES else ""
-    return f"{len(scopes)} scopes ({', '.join(scopes[:NOTE_SCOPES])}{more})"
+def _listed(names: list[str], noun: str = "scopes") -> str:
+    more = f" and {len(names) - NOTE_SCOPES} more" if len(names) > NOTE_SCOPES else ""
+    return f"{len(names)} {noun} ({', '.join(names[:NOTE_SCOPES])}{more})"
 
 
 def _split(spec: str) -> list[str]:
