@@ -22,6 +22,12 @@ class Blocks:
     scale: np.ndarray  # float32 [N, blocks]
     zero: np.ndarray  # uint8 [N, blocks], 0..15 (SYMMETRIC_ZERO everywhere when symmetric)
     k: int  # rows of the weight before padding
+    bits: int = 4  # 8: codes 0..255 about a zero point of 128 (keep_8bit's weight-only layers)
+
+    @property
+    def symmetric(self) -> bool:
+        """Whether every zero point is the midpoint, the default of MatMulNBits and GatherBlockQuantized."""
+        return bool(np.all(self.zero == 1 << (self.bits - 1)))
 
     def dequantize(self) -> np.ndarray:
         """The weight these blocks stand for, [K, N] float32."""
@@ -88,6 +94,24 @@ def search_range(x: np.ndarray, symmetric: bool, factors=RANGE_FACTORS) -> tuple
         s, z = params(x * f, symmetric)
         best, scale, zero = keep_better(best, scale, zero, x, s, z)
     return best, scale, zero
+
+
+BLOCK_8BIT = 128  # keep_8bit's MatMul weights: at 8 bits a coarse block costs no accuracy and few bytes
+
+
+def block_8bit(k: int) -> int:
+    """The block of an 8-bit weight with ``k`` rows: ``BLOCK_8BIT``, or the least power of two (>= 16,
+    MatMulNBits' least) that holds all ``k`` rows when that is smaller, so little is padding."""
+    return min(BLOCK_8BIT, max(16, 1 << (k - 1).bit_length()))
+
+
+def rtn_8bit(w: np.ndarray, block: int) -> Blocks:
+    """Symmetric 8-bit blocks: codes 1..255 about 128, ±max|x| of each block at ±127."""
+    x = blocked(w, block)
+    amax = np.abs(x).max(-1)
+    scale = np.where(amax > 0, amax / 127, 1).astype(np.float32)
+    q = np.clip(np.rint(x / scale[..., None]), -127, 127) + 128
+    return Blocks(q.astype(np.uint8), scale, np.full(scale.shape, 128, np.uint8), w.shape[0], bits=8)
 
 
 # --- HQQ: data-free, half-quadratic fit of each block's affine map

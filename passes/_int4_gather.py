@@ -3,8 +3,8 @@
 format=ort: onnxruntime's GatherBlockQuantized. format=qdq: standard ops only. ONNX's Gather takes
 no int4 data, and a DequantizeLinear of the whole table before the Gather would run on every call
 (onnxruntime does not fold it: 28 ms a run on MiniLM's 30522 x 384 table), so the packed uint8 rows
-are gathered with their scales (and zero points) and only the rows looked up are unpacked (BitwiseAnd,
-BitShift) and dequantized by a blocked DequantizeLinear along the last axis.
+are gathered with their scales (and packed zero points) and only the rows looked up are unpacked
+(BitwiseAnd, BitShift) and dequantized by a blocked DequantizeLinear along the last axis.
 """
 
 from __future__ import annotations
@@ -20,14 +20,12 @@ from ._quant_dynamic import _replace
 MS_DOMAIN = "com.microsoft"
 
 
-def table_initializers(node: ir.Node, blocks: Blocks, packed_zeros: bool) -> tuple:
+def table_initializers(node: ir.Node, blocks: Blocks) -> tuple:
     """(data, scales, zero points or None) of the table ``node`` reads, as initializers of its graph;
-    zero points packed two per byte for GatherBlockQuantized, one per byte for DequantizeLinear."""
+    codes and zero points packed two per byte, as GatherBlockQuantized takes them."""
     graph = node.graph
     base = node.name or node.outputs[0].name or "gather"
     data, scales, zeros = gbq_layout(blocks)
-    if not packed_zeros and zeros is not None:
-        zeros = blocks.zero
     return (add_initializer(graph, data, fresh_name(graph, base, "table_int4")),
             add_initializer(graph, scales, fresh_name(graph, base, "table_scale")),
             None if zeros is None else add_initializer(graph, zeros, fresh_name(graph, base, "table_zero_point")))
@@ -49,23 +47,34 @@ def gather_then_dequantize(node: ir.Node, table: tuple, block: int, width: int, 
     def const(array, suffix):
         return add_initializer(graph, np.asarray(array), fresh_name(graph, base, suffix))
 
-    rows = ir.node("Gather", [data, indices], {"axis": 0}, name=f"{base}.int4")
-    low = ir.node("BitwiseAnd", [rows.outputs[0], const(np.uint8(0x0F), "low_mask")], name=f"{base}.low")
-    high = ir.node("BitShift", [rows.outputs[0], const(np.uint8(4), "high_shift")], {"direction": "RIGHT"}, name=f"{base}.high")
-    last = const(np.array([-1], np.int64), "last_axis")
-    pairs = [ir.node("Unsqueeze", [low.outputs[0], last], name=f"{base}.low_pair"),
-             ir.node("Unsqueeze", [high.outputs[0], last], name=f"{base}.high_pair")]
-    both = ir.node("Concat", [p.outputs[0] for p in pairs], {"axis": -1}, name=f"{base}.pairs")
-    codes = ir.node("Reshape", [both.outputs[0], const(np.array([0] * indices_rank + [width], np.int64), "row_shape")],
-                    name=f"{base}.codes")
+    def gathered_nibbles(packed: ir.Value, count: int, what: str) -> list[ir.Node]:
+        """The rows of ``packed`` that ``indices`` pick, unpacked to ``count`` codes a row (low nibble first)."""
+        rows = ir.node("Gather", [packed, indices], {"axis": 0}, name=f"{base}.{what}_packed")
+        low = ir.node("BitwiseAnd", [rows.outputs[0], const(np.uint8(0x0F), "low_mask")], name=f"{base}.{what}_low")
+        high = ir.node("BitShift", [rows.outputs[0], const(np.uint8(4), "high_shift")], {"direction": "RIGHT"},
+                       name=f"{base}.{what}_high")
+        last = const(np.array([-1], np.int64), "last_axis")
+        pairs = [ir.node("Unsqueeze", [low.outputs[0], last], name=f"{base}.{what}_low_pair"),
+                 ir.node("Unsqueeze", [high.outputs[0], last], name=f"{base}.{what}_high_pair")]
+        both = ir.node("Concat", [p.outputs[0] for p in pairs], {"axis": -1}, name=f"{base}.{what}_pairs")
+        flat = ir.node("Reshape", [both.outputs[0], const(np.array([0] * indices_rank + [-1], np.int64), "row_shape")],
+                       name=f"{base}.{what}_unpacked")
+        new = [rows, low, high, *pairs, both, flat]
+        if 2 * packed.shape[-1] != count:  # an odd count: the last byte's high nibble is padding
+            ends = const(np.array([count], np.int64), f"{what}_count")
+            new.append(ir.node("Slice", [flat.outputs[0], const(np.array([0], np.int64), "start"), ends, last],
+                               name=f"{base}.{what}"))
+        return new
+
+    codes = gathered_nibbles(data, width, "codes")
     row_scales = ir.node("Gather", [scales, indices], {"axis": 0}, name=f"{base}.scales")
-    new = [rows, low, high, *pairs, both, codes, row_scales]
+    new = [*codes, row_scales]
     if zeros is not None:
-        new.append(ir.node("Gather", [zeros, indices], {"axis": 0}, name=f"{base}.zero_points"))
+        new += gathered_nibbles(zeros, scales.shape[-1], "zero_points")
     else:
         shape = ir.node("Shape", [row_scales.outputs[0]], name=f"{base}.scales_shape")
         new += [shape, ir.node("Expand", [const(np.uint8(SYMMETRIC_ZERO), "zero_point"), shape.outputs[0]], name=f"{base}.zero_points")]
-    dq = ir.node("DequantizeLinear", [codes.outputs[0], row_scales.outputs[0], new[-1].outputs[0]],
+    dq = ir.node("DequantizeLinear", [codes[-1].outputs[0], row_scales.outputs[0], new[-1].outputs[0]],
                  {"axis": -1, "block_size": block}, name=f"{base}.dequantize")
     _replace(node, [*new, dq])
 

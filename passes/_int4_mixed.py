@@ -4,7 +4,7 @@ kept at 8 bits within a size budget.
 Each candidate is quantized to 4 bits alone (round to nearest, the rest float) and the model run on the
 first calibration samples; its cost is how far the worst output's cosine falls. Layers are then taken
 by cost per extra byte (a small table that every token reads first) until the extra bytes would pass
-``BUDGET`` of the 4-bit weights. The trials use round to nearest whatever ``algo`` is, to stay quick.
+``BUDGET`` of the 4-bit weights' bytes. The trials use round to nearest whatever ``algo`` is, to stay quick.
 """
 
 from __future__ import annotations
@@ -18,10 +18,12 @@ from onnxopt import compare
 
 from ._calibrate import first_batch
 from ._common import constant, graphs_of
+from ._int4_algos import block_8bit
 from ._quant_search import worst_cosine
 
-BUDGET = 0.03  # extra bytes for 8-bit layers, as a fraction of the 4-bit weights' bytes (MiniLM: 14.75 -> 14.97 MB)
+BUDGET = 0.015  # extra bytes for 8-bit layers, as a fraction of the 4-bit weights' bytes (MiniLM: 14.75 -> 14.96 MB)
 EVAL_ROWS = 8
+SCALE_BYTES = 4  # float32
 
 
 def auto_8bit(model: ir.Model, targets: list[ir.Node], options, quantize_one) -> set[ir.Node]:
@@ -37,14 +39,37 @@ def auto_8bit(model: ir.Model, targets: list[ir.Node], options, quantize_one) ->
         quantize_one(_nodes(trial)[order.index(node)], rtn)
         trial.opset_imports.setdefault("com.microsoft", 1)
         costs[node] = 1.0 - worst_cosine(reference, trial, feeds)
-    extra = {n: _weight(n).size / 2 for n in targets}  # 8 bits per weight instead of 4
-    budget = BUDGET * sum(extra.values())  # the 4-bit weights take as many bytes as 8 bits would add
+    bytes4 = {n: _bytes_4bit(n, options) for n in targets}
+    extra = {n: _bytes_8bit(n) - bytes4[n] for n in targets}
+    budget = BUDGET * sum(bytes4.values())
     kept, spent = set(), 0.0
     for node in sorted(targets, key=lambda n: -costs[n] / extra[n]):
         if costs[node] > 0 and spent + extra[node] <= budget:
             kept.add(node)
             spent += extra[node]
     return kept
+
+
+def _bytes_4bit(node: ir.Node, options) -> float:
+    """Bytes of the node's weight [K, N] as 4-bit blocks along K (a table [V, D]: along D), with their
+    scales and zero points."""
+    w = _weight(node)
+    k, n = w.shape[::-1] if node.op_type == "Gather" else w.shape[-2:]
+    return _blocked_bytes(k, n, options.block, 4, zero_points=not options.symmetric)
+
+
+def _bytes_8bit(node: ir.Node) -> float:
+    """Bytes of the node's weight as keep_8bit stores it."""
+    w = _weight(node)
+    if node.op_type == "Gather":  # int8 table, one scale per column
+        return w.size + w.shape[1] * SCALE_BYTES
+    k, n = w.shape[-2:]
+    return _blocked_bytes(k, n, block_8bit(k), 8, zero_points=False)
+
+
+def _blocked_bytes(k: int, n: int, block: int, bits: int, zero_points: bool) -> float:
+    blocks = -(-k // block) * n
+    return blocks * (block * bits / 8 + SCALE_BYTES + (bits / 8 if zero_points else 0))
 
 
 def _weight(node: ir.Node) -> np.ndarray:

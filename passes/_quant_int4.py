@@ -9,7 +9,8 @@ for a table), one scale (and, asymmetric, one 4-bit zero point) per block, from 
   standard ONNX at opset 21 (the model's opset is raised first, the conversion checked).
 
 Weights are read and replaced one at a time, so memory holds one float weight beside the output.
-Nodes matching ``keep_8bit`` get the dynamic int8 form instead.
+Nodes matching ``keep_8bit`` stay weight-only at 8 bits: symmetric blocks (MatMulNBits with bits=8,
+or an int8 blocked DequantizeLinear; see ``block_8bit``) and int8 tables (Gather, then DequantizeLinear).
 """
 
 from __future__ import annotations
@@ -19,12 +20,12 @@ import onnx_ir as ir
 
 from . import _int4_algos
 from ._common import add_initializer, constant, fresh_name, graphs_of, is_standard, rank, remove_unused, unique_names
-from ._int4_algos import Blocks
+from ._int4_algos import Blocks, block_8bit, rtn_8bit
 from ._int4_mixed import auto_8bit
 from ._int4_gather import gather_block_quantized, gather_then_dequantize, table_initializers
 from ._int4_pack import nbits_layout, qdq_layout
 from ._opset import raise_opset
-from ._quant_dynamic import _replace, quantize_gather, quantize_matmul
+from ._quant_dynamic import _replace, quantize_gather
 
 MS_DOMAIN = "com.microsoft"
 QDQ_OPSET = 21  # DequantizeLinear with block_size and int4/uint4 inputs
@@ -41,14 +42,13 @@ def quantize_int4(model: ir.Model, options) -> bool:
     if options.format == "qdq":
         raise_opset(model, QDQ_OPSET, options.example_shapes, "format=qdq")
     targets = [n for g in graphs_of(model) for n in g if _target(n, options)]
-    hessians = _hessians(model, targets, options.calib) if options.algo == "gptq" else {}
-    done: dict[tuple[ir.Graph, ir.Value], tuple] = {}  # a weight read by several nodes is quantized once per graph
-    quantized_inputs: dict = {}  # int8 MatMuls reading the same input share its DynamicQuantizeLinear
-    auto = auto_8bit(model, targets, options, _int4_one) if options.keep_8bit.strip() == "auto" else set()
+    hessians = _hessians(model, targets, options.calib) if options.int4_algo == "gptq" else {}
+    done: dict[tuple, tuple] = {}  # a weight read by several nodes is quantized once per graph and width
+    auto = auto_8bit(model, targets, options, _int4_one) if options.auto_8bit else set()
     for node in targets:
         if node in auto or options.keeps_8bit(node):
             options.kept_8bit.append(node.name or node.outputs[0].name)
-            _int8(node, options, quantized_inputs)
+            _8bit(node, options, done)
         elif node.op_type == "Gather":
             _gather(node, options, done)
         else:
@@ -84,30 +84,31 @@ def _target(node: ir.Node, options) -> bool:
     return options.format == "qdq" or (rank(x) or 0) >= 2  # MatMulNBits needs A as [..., M, K]
 
 
-def _blocks(w: np.ndarray, options, hessian: np.ndarray | None) -> tuple[Blocks, float]:
-    """``w`` [K, N] as Blocks, and the mean squared error of the weights they stand for. Columns are
-    quantized independently, ``CHUNK`` weights at a time, so the algorithms' float temporaries stay
-    small beside a large table (whose columns, as ``table.T``, are its rows: read in order)."""
+def _blocks(w: np.ndarray, algorithm) -> tuple[Blocks, float]:
+    """``w`` [K, N] as the Blocks ``algorithm(columns)`` makes, and the mean squared error of the weights
+    they stand for. Columns are quantized independently, ``CHUNK`` weights at a time, so the algorithms'
+    float temporaries stay small beside a large table (whose columns, as ``table.T``, are its rows: read
+    in order)."""
     k, n = w.shape
     cols = max(1, CHUNK // k)
     parts, squared = [], 0.0
     for j in range(0, n, cols):
-        part = _algorithm(w[:, j:j + cols], options, hessian)
+        part = algorithm(w[:, j:j + cols])
         squared += float(np.sum(np.square(part.dequantize() - w[:, j:j + cols]), dtype=np.float64))
         parts.append(part)
-    blocks = Blocks(*(np.concatenate([getattr(p, f) for p in parts]) for f in ("q", "scale", "zero")), k)
+    blocks = Blocks(*(np.concatenate([getattr(p, f) for p in parts]) for f in ("q", "scale", "zero")), k, parts[0].bits)
     return blocks, squared / w.size
 
 
 def _algorithm(w: np.ndarray, options, hessian: np.ndarray | None) -> Blocks:
-    if options.algo == "gptq":
+    if options.int4_algo == "gptq":
         if hessian is None:  # an embedding table: no input to weigh the error by
             return _int4_algos.hqq(w, options.block, options.symmetric)
         # act_order, a shrunk range per block and damp 0.1 measured best on MiniLM (with keep_8bit=auto:
         # top5 0.9004 at damp 0.1, 0.8988 at 0.01, 0.898 at 0.003)
         return _int4_algos.gptq(w, options.block, options.symmetric, hessian, damp=GPTQ_DAMP, act_order=True,
                                 factors=_int4_algos.RANGE_FACTORS)
-    return getattr(_int4_algos, options.algo)(w, options.block, options.symmetric)
+    return getattr(_int4_algos, options.int4_algo)(w, options.block, options.symmetric)
 
 
 def _release(value: ir.Value) -> None:
@@ -116,20 +117,24 @@ def _release(value: ir.Value) -> None:
         value.const_value.release()
 
 
-def _matmul(node: ir.Node, options, hessian: np.ndarray | None, done: dict) -> None:
+def _matmul(node: ir.Node, options, hessian: np.ndarray | None, done: dict, bits: int = 4) -> None:
     b = node.inputs[1]
     shape = tuple(b.const_value.shape)
-    key = (node.graph, b)
+    key = (node.graph, b, bits)
     if key not in done:
-        blocks, mse = _blocks(constant(b).reshape(shape[-2:]), options, hessian)
+        if bits == 8:
+            blocks, mse = _blocks(constant(b).reshape(shape[-2:]), lambda w: rtn_8bit(w, block_8bit(shape[-2])))
+        else:
+            blocks, mse = _blocks(constant(b).reshape(shape[-2:]), lambda w: _algorithm(w, options, hessian))
         _release(b)
-        done[key] = _quantized_weight(node, blocks, options, shape), _layer(options, blocks, mse)
+        done[key] = _quantized_weight(node, blocks, options, shape), _layer(blocks, mse)
     quantized, layer = done[key]
     _report(options, node, layer)
     if options.format == "qdq":
         node.replace_input_with(1, quantized)
         return
-    _replace(node, _matmul_nbits(node, *quantized, k=shape[-2], n=shape[-1], options=options, nd=len(shape)))
+    _replace(node, _matmul_nbits(node, *quantized, k=shape[-2], n=shape[-1], options=options, nd=len(shape),
+                                 bits=layer["bits"], block=layer["block"]))
 
 
 def _quantized_weight(node: ir.Node, blocks: Blocks, options, shape: tuple[int, ...]):
@@ -144,12 +149,12 @@ def _quantized_weight(node: ir.Node, blocks: Blocks, options, shape: tuple[int, 
                 None if zeros is None else add_initializer(graph, zeros, fresh_name(graph, base, "weight_zero_point")))
     values, signed, scale, zero = qdq_layout(blocks)
     lead = (1,) * (len(shape) - 2)
-    dtype = ir.DataType.INT4 if signed else ir.DataType.UINT4
+    dtype = {(4, True): ir.DataType.INT4, (4, False): ir.DataType.UINT4, (8, True): ir.DataType.INT8}[blocks.bits, signed]
     inputs = [_initializer(graph, values.reshape(lead + values.shape), dtype, fresh_name(graph, base, f"weight_{dtype.name.lower()}")),
               add_initializer(graph, scale.reshape(lead + scale.shape), fresh_name(graph, base, "weight_scale"))]
     if zero is not None:
         inputs.append(_initializer(graph, zero.reshape(lead + zero.shape), ir.DataType.UINT4, fresh_name(graph, base, "weight_zero_point")))
-    dq = ir.node("DequantizeLinear", inputs, {"axis": len(shape) - 2, "block_size": options.block}, name=f"{base}.dequantize_weight")
+    dq = ir.node("DequantizeLinear", inputs, {"axis": len(shape) - 2, "block_size": blocks.q.shape[-1]}, name=f"{base}.dequantize_weight")
     out = dq.outputs[0]
     out.name, out.type, out.shape = f"{base}.weight", ir.TensorType(ir.DataType.FLOAT), ir.Shape(shape)
     graph.insert_before(node, dq)
@@ -163,14 +168,15 @@ def _initializer(graph: ir.Graph, array: np.ndarray, dtype: ir.DataType, name: s
     return value
 
 
-def _matmul_nbits(node: ir.Node, packed, scales, zeros, *, k: int, n: int, options, nd: int) -> list[ir.Node]:
+def _matmul_nbits(node: ir.Node, packed, scales, zeros, *, k: int, n: int, options, nd: int, bits: int,
+                  block: int) -> list[ir.Node]:
     base = node.name or node.outputs[0].name or "matmul"
-    attributes = {"K": k, "N": n, "bits": 4, "block_size": options.block}
+    attributes = {"K": k, "N": n, "bits": bits, "block_size": block}
     if options.accuracy_level:  # left out at 0, as onnxruntime's quantizer does: other providers may not know it
         attributes["accuracy_level"] = options.accuracy_level
     x = node.inputs[0]
     inputs = [x, packed, scales] + ([zeros] if zeros is not None else [])
-    new = [ir.node("MatMulNBits", inputs, attributes, domain=MS_DOMAIN, name=f"{base}.int4")]
+    new = [ir.node("MatMulNBits", inputs, attributes, domain=MS_DOMAIN, name=f"{base}.int{bits}")]
     missing = nd - rank(x)
     if missing > 0:  # B's leading ones would have prefixed the output's shape with ones
         axes = add_initializer(node.graph, np.arange(missing, dtype=np.int64), fresh_name(node.graph, base, "leading_axes"))
@@ -181,9 +187,9 @@ def _matmul_nbits(node: ir.Node, packed, scales, zeros, *, k: int, n: int, optio
 def _gather(node: ir.Node, options, done: dict) -> None:
     key = (node.graph, node.inputs[0])
     if key not in done:
-        blocks, mse = _blocks(constant(node.inputs[0]).T, options, None)
+        blocks, mse = _blocks(constant(node.inputs[0]).T, lambda w: _algorithm(w, options, None))
         _release(node.inputs[0])
-        done[key] = table_initializers(node, blocks, packed_zeros=options.format == "ort"), _layer(options, blocks, mse)
+        done[key] = table_initializers(node, blocks), _layer(blocks, mse)
     table, layer = done[key]
     _report(options, node, layer)
     if options.format == "ort":
@@ -193,10 +199,11 @@ def _gather(node: ir.Node, options, done: dict) -> None:
         gather_then_dequantize(node, table, options.block, width, rank(node.inputs[1]))
 
 
-def _layer(options, blocks: Blocks, mse: float) -> dict:
+def _layer(blocks: Blocks, mse: float) -> dict:
     """What the report shows for a layer whose weight became ``blocks`` with this mean squared error."""
     return {
-        "weight": "int4" if options.symmetric else "uint4", "bits": 4, "block": options.block, "weight_mse": mse,
+        "weight": f"{'int' if blocks.symmetric else 'uint'}{blocks.bits}", "bits": blocks.bits,
+        "block": blocks.q.shape[-1], "weight_mse": mse,
         "weight_scale_min": float(blocks.scale.min()), "weight_scale_max": float(blocks.scale.max()),
         "weight_scale_count": int(blocks.scale.size)}
 
@@ -207,11 +214,11 @@ def _report(options, node: ir.Node, layer: dict) -> None:
     options.int4_layers[output] = {"layer": node.name or output, "op": node.op_type, **layer}
 
 
-def _int8(node: ir.Node, options, quantized_inputs: dict) -> None:
+def _8bit(node: ir.Node, options, done: dict) -> None:
     if node.op_type == "Gather":
         quantize_gather(node, options)
     else:
-        quantize_matmul(node, options, {}, quantized_inputs)
+        _matmul(node, options, None, done, bits=8)
 
 
 def _hessians(model: ir.Model, nodes: list[ir.Node], calib: str) -> dict[str, np.ndarray]:

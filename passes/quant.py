@@ -34,7 +34,7 @@ OP_TYPES = ("MatMul", "Gemm", "Gather")
 NOTE_SCOPES = 12  # scopes kept in float that the run's note names
 EVAL_ROWS = 8  # calibration samples the accuracy search checks each candidate on
 MIN_GAIN = 1.05  # tune=latency keeps int8 only when it is at least this much faster than float
-ALGOS = ("rtn", "hqq", "gptq")
+ALGOS = ("auto", "rtn", "hqq", "gptq")
 FORMATS = ("ort", "qdq")
 # 4-bit weights move raw outputs on the check's generated inputs much more than on real data (MiniLM:
 # hidden-state cosine 0.94 on a [1, 1] input, 0.85 on [1, 64] of random tokens, for sentence embeddings
@@ -67,10 +67,10 @@ class Quantize(OptPass):
         Option("bits", int, 8, "8, or 4: weight-only 4-bit blocks for MatMul weights and embedding tables (for size and memory; mode, tune and smooth do not apply)"),
         Option("block", int, 32, "bits=4: weights per block along K (along the embedding dim for tables), each with its own scale; a power of two, at least 16"),
         Option("symmetric", bool, False, "bits=4: false: a 4-bit zero point per block (on MiniLM cos 0.973 vs 0.955 symmetric, +0.36 MB); true: symmetric about 0, no zero points"),
-        Option("algo", str, "rtn", "bits=4: rtn (round to nearest), hqq (data-free fit of each block's scale and zero point) or gptq (needs calib; embedding tables, with no input to weigh by, use hqq)"),
+        Option("algo", str, "auto", "bits=4: rtn (round to nearest), hqq (data-free fit of each block's scale and zero point), gptq (needs calib; embedding tables, with no input to weigh by, use hqq), or auto: gptq when calib is given, else rtn"),
         Option("format", str, "ort", "bits=4: ort (onnxruntime's MatMulNBits and GatherBlockQuantized) or qdq (blocked DequantizeLinear of int4 weights, standard ONNX at opset 21)"),
         Option("accuracy_level", int, 0, "bits=4, format=ort: MatMulNBits' least precision of its input: 0 as given, 1 fp32, 2 fp16, 3 bf16, 4 int8. 0 because on an AVX2 CPU without VNNI 4 was no faster at batch 1 and 10% slower at batch 32 on MiniLM, for the same accuracy; try 4 on CPUs with VNNI or ARM dot products"),
-        Option("keep_8bit", str, "", "bits=4: MatMul/Gather node names or regexes, separated by |, to quantize to int8 (dynamic) instead; auto (with calib): the layers whose 4 bits cost the outputs most per byte, within 3% more weight bytes"),
+        Option("keep_8bit", str, "auto", "bits=4: MatMul/Gather node names or regexes, separated by |, to keep at 8 bits (weight-only) instead; auto: with calib, the layers whose 4 bits cost the outputs most per byte, within 1.5% more weight bytes (without calib: none)"),
     )
 
     def __init__(self, **values):
@@ -119,7 +119,7 @@ class Quantize(OptPass):
             raise UsageError(f"pass quant: format must be one of {', '.join(FORMATS)}, got {self.format!r}")
         if not 0 <= self.accuracy_level <= 4:
             raise UsageError(f"pass quant: accuracy_level must be 0 to 4, got {self.accuracy_level}")
-        if self.keep_8bit.strip() == "auto" and not self.calib:
+        if self.keep_8bit.strip() == "auto" and "keep_8bit" in self._given and not self.calib:
             raise UsageError("pass quant: keep_8bit=auto needs calib=PATH: layers are ranked by output error on calibration samples")
         try:
             self._keep_8bit = [] if self.keep_8bit.strip() == "auto" else [re.compile(p) for p in _split(self.keep_8bit)]
@@ -133,7 +133,7 @@ class Quantize(OptPass):
             raise UsageError("pass quant: smooth moves outliers out of int8 activations; bits=4 keeps activations float")
         if self.algo == "gptq" and not self.calib:
             raise UsageError("pass quant: algo=gptq needs calib=PATH: it weighs each weight's error by its inputs on the calibration data")
-        if self.algo != "rtn" and not hasattr(_int4_algos, self.algo):
+        if self.algo not in ("auto", "rtn") and not hasattr(_int4_algos, self.algo):
             raise UsageError(f"pass quant: algo={self.algo} is not in this build")
 
     def notes(self) -> list[str]:
@@ -247,6 +247,16 @@ class Quantize(OptPass):
 
     def excluded(self, node: ir.Node) -> bool:
         return any(p.fullmatch(node.name or "") for p in self._exclude)
+
+    @property
+    def int4_algo(self) -> str:
+        """The 4-bit algorithm this run uses: ``algo``, auto resolved by whether calib is given."""
+        return ("gptq" if self.calib else "rtn") if self.algo == "auto" else self.algo
+
+    @property
+    def auto_8bit(self) -> bool:
+        """Whether keep_8bit=auto ranks the layers: it needs calibration data (the default does nothing without)."""
+        return self.keep_8bit.strip() == "auto" and bool(self.calib)
 
     def keeps_8bit(self, node: ir.Node) -> bool:
         return any(p.fullmatch(node.name or "") for p in self._keep_8bit)

@@ -10,7 +10,7 @@ from onnx import TensorProto, helper
 
 from onnxopt.errors import UsageError
 from onnxopt.passes import Quantize
-from onnxopt.passes._int4_algos import SYMMETRIC_ZERO, rtn
+from onnxopt.passes._int4_algos import BLOCK_8BIT, SYMMETRIC_ZERO, block_8bit, rtn, rtn_8bit
 from onnxopt.passes._int4_pack import gbq_layout, nbits_layout, pack_nibbles, qdq_layout, unpack_nibbles
 
 RNG = np.random.default_rng(0)
@@ -129,7 +129,7 @@ def test_qdq_is_standard_opset_21_and_matches_numpy(symmetric):
     proto = make_model([helper.make_node("Gather", ["table", "ids"], ["e"]),
                         helper.make_node("ReduceMean", ["e"], ["m"], axes=[-1], keepdims=0),  # axes become an input at 18
                         helper.make_node("MatMul", ["x", "w"], ["y"])],
-                       [("ids", TensorProto.INT64, [2, 3]), ("x", F, [2, 3, K])], [("m", F, [2, 3]), ("y", F, [2, 3, N])],
+                       [("ids", TensorProto.INT64, [2, 3]), ("x", F, [2, 3, K])], [("m", F, [2, 3]), ("y", F, [2, 3, N]), ("e", F, [2, 3, D])],
                        {"w": w, "table": table})
     model, _ = quantize(proto, symmetric=symmetric, format="qdq")
     out = ir.serde.serialize_model(model)
@@ -142,6 +142,7 @@ def test_qdq_is_standard_opset_21_and_matches_numpy(symmetric):
     np.testing.assert_allclose(got["y"], x @ rtn(w, BLOCK, symmetric).dequantize(), rtol=1e-4, atol=1e-4)
     rows = rtn(table.T, BLOCK, symmetric).dequantize().T[IDS]
     np.testing.assert_allclose(got["m"], rows.mean(-1), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(got["e"], rows, rtol=1e-6, atol=1e-6)
 
 
 def test_qdq_weight_with_leading_ones_stays_n_d():
@@ -170,14 +171,44 @@ def test_shared_weight_quantized_once_and_reported_per_layer():
         assert row["output"] in ("y1", "y2")
 
 
-def test_keep_8bit_uses_the_dynamic_int8_form():
+@pytest.mark.parametrize("fmt", ["ort", "qdq"])
+def test_keep_8bit_is_weight_only_8bit_blocks(fmt):
+    w1, w2 = rand(K, 64), rand(64, N)
     proto = make_model([helper.make_node("MatMul", ["x", "w1"], ["h"], name="a"),
                         helper.make_node("MatMul", ["h", "w2"], ["y"], name="b")],
-                       [("x", F, [2, K])], [("y", F, [2, N])], {"w1": rand(K, 64), "w2": rand(64, N)})
-    model, q = quantize(proto, keep_8bit="b")
-    assert "MatMulInteger" in ops(model) and ops(model).count("MatMulNBits") == 1
+                       [("x", F, [2, K])], [("y", F, [2, N])], {"w1": w1, "w2": w2})
+    model, q = quantize(proto, keep_8bit="b", format=fmt)
+    assert "MatMulInteger" not in ops(model) and "DynamicQuantizeLinear" not in ops(model)  # activations stay float
+    if fmt == "ort":
+        assert [n.attributes["bits"].value for n in nodes(model, "MatMulNBits")] == [4, 8]
+    else:
+        dtypes = {ir.DataType(n.inputs[0].dtype).name for n in nodes(model, "DequantizeLinear")}
+        assert dtypes == {"INT4", "INT8"}
+        onnx.checker.check_model(ir.serde.serialize_model(model), full_check=True)
     assert q.kept_8bit == ["b"] and any("keep_8bit" in n for n in q.notes())
-    assert {r["weight"] for r in q.layers(model)} == {"int4", "int8"}
+    assert {(r["weight"], r["block"]) for r in q.layers(model)} == {("int4", BLOCK), ("int8", 64)}  # K = 64 fits one block
+    x = rand(2, K)
+    h = x @ rtn(w1, BLOCK, True).dequantize()
+    expected = h @ rtn_8bit(w2, 64).dequantize()
+    np.testing.assert_allclose(run_proto(model, {"x": x})["y"], expected, rtol=1e-4, atol=1e-4)
+    assert np.abs(expected - h @ w2).max() < 0.01 * np.abs(h @ w2).max()  # 8 bits: near the float layer
+
+
+def test_8bit_block_is_128_or_the_least_that_holds_k():
+    assert [block_8bit(k) for k in (8, 16, 32, 70, 128, 384, 1536)] == [16, 16, 32, 128, 128, 128, 128]
+
+
+def test_8bit_blocks_are_symmetric_codes_about_128():
+    w = rand(K, N)
+    blocks = rtn_8bit(w, BLOCK_8BIT)
+    assert blocks.symmetric and blocks.q.shape == (N, 1, BLOCK_8BIT) and blocks.q.min() >= 1
+    assert (blocks.q.reshape(N, -1)[:, K:] == 128).all()  # padding rows encode 0
+    np.testing.assert_allclose(blocks.dequantize(), w, atol=float(np.abs(w).max()) / 254 + 1e-7)
+    packed, scales, zeros = nbits_layout(blocks)
+    assert packed.dtype == np.uint8 and packed.shape == (N, 1, BLOCK_8BIT) and zeros is None
+    values, signed, _, _ = qdq_layout(blocks)
+    assert signed and values.dtype == np.int8 and values.shape == (K, N)
+    np.testing.assert_array_equal(values.astype(np.int16) + 128, blocks.q.reshape(N, -1)[:, :K].T)
 
 
 @pytest.mark.parametrize("options, message", [
@@ -211,7 +242,7 @@ def test_columns_quantized_in_chunks_give_the_same_blocks(monkeypatch):
 
     w = rand(K, 11)
     monkeypatch.setattr(_quant_int4, "CHUNK", 3 * K)  # three columns per call, the last call two
-    blocks, mse = _quant_int4._blocks(w, Quantize(bits=4, symmetric=False), None)
+    blocks, mse = _quant_int4._blocks(w, lambda part: rtn(part, BLOCK, False))
     whole = rtn(w, BLOCK, False)
     for field in ("q", "scale", "zero"):
         np.testing.assert_array_equal(getattr(blocks, field), getattr(whole, field))
@@ -235,6 +266,13 @@ def test_keep_8bit_auto_keeps_the_costliest_layer_per_byte(tmp_path):
         [helper.make_node("MatMul", ["a", "hard"], ["y1"], name="hard_mm"), helper.make_node("MatMul", ["b", "easy"], ["y2"], name="easy_mm")],
         [("a", F, [4, 32]), ("b", F, [4, 128])], [("y1", F, [4, 32]), ("y2", F, [4, 512])], {"hard": hard, "easy": easy})
     np.savez(tmp_path / "calib.npz", a=rand(16, 4, 32), b=rand(16, 4, 128))
-    model, q = quantize(proto, keep_8bit="auto", calib=str(tmp_path / "calib.npz"))
+    model, q = quantize(proto, calib=str(tmp_path / "calib.npz"), algo="rtn")  # keep_8bit=auto is the default
     assert q.kept_8bit == ["hard_mm"]
-    assert [n.op_type for n in model.graph if n.op_type in ("MatMulInteger", "MatMulNBits")] == ["MatMulInteger", "MatMulNBits"]
+    assert [n.attributes["bits"].value for n in nodes(model, "MatMulNBits")] == [8, 4]
+
+
+def test_auto_defaults_use_the_calibration_data_when_given():
+    plain, calibrated = Quantize(bits=4), Quantize(bits=4, calib="random")
+    assert (plain.int4_algo, plain.auto_8bit) == ("rtn", False)  # data-free: nothing to refuse
+    assert (calibrated.int4_algo, calibrated.auto_8bit) == ("gptq", True)
+    assert Quantize(bits=4, calib="random", algo="hqq", keep_8bit="").int4_algo == "hqq"
