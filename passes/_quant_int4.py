@@ -31,6 +31,10 @@ MS_DOMAIN = "com.microsoft"
 QDQ_OPSET = 21  # DequantizeLinear with block_size and int4/uint4 inputs
 CHUNK = 1 << 20  # weights per call of the algorithm
 GPTQ_DAMP = 0.1  # of the Hessian's mean diagonal, added to it
+# 8-bit MatMulNBits at accuracy level 0 ran 2.5x slower than at 4 on onnxruntime 1.32's CPU provider (MiniLM
+# value projection, batch 1 x 64: 670 vs 263 us; fp32 MatMul 200 us), for sentence cosine 0.9921 vs 0.9917:
+# 8-bit layers take level 4 unless accuracy_level asks for one
+INT8_ACCURACY_LEVEL = 4
 
 
 def quantize_int4(model: ir.Model, options) -> bool:
@@ -172,8 +176,9 @@ def _matmul_nbits(node: ir.Node, packed, scales, zeros, *, k: int, n: int, optio
                   block: int) -> list[ir.Node]:
     base = node.name or node.outputs[0].name or "matmul"
     attributes = {"K": k, "N": n, "bits": bits, "block_size": block}
-    if options.accuracy_level:  # left out at 0, as onnxruntime's quantizer does: other providers may not know it
-        attributes["accuracy_level"] = options.accuracy_level
+    level = options.accuracy_level or (INT8_ACCURACY_LEVEL if bits == 8 else 0)
+    if level:  # left out at 0, as onnxruntime's quantizer does: other providers may not know it
+        attributes["accuracy_level"] = level
     x = node.inputs[0]
     inputs = [x, packed, scales] + ([zeros] if zeros is not None else [])
     new = [ir.node("MatMulNBits", inputs, attributes, domain=MS_DOMAIN, name=f"{base}.int{bits}")]

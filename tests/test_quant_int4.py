@@ -181,6 +181,8 @@ def test_keep_8bit_is_weight_only_8bit_blocks(fmt):
     assert "MatMulInteger" not in ops(model) and "DynamicQuantizeLinear" not in ops(model)  # activations stay float
     if fmt == "ort":
         assert [n.attributes["bits"].value for n in nodes(model, "MatMulNBits")] == [4, 8]
+        # 8-bit at level 4 (its fast kernel on CPU), 4-bit at the user's level (0, left out)
+        assert [n.attributes.get_int("accuracy_level", 0) for n in nodes(model, "MatMulNBits")] == [0, 4]
     else:
         dtypes = {ir.DataType(n.inputs[0].dtype).name for n in nodes(model, "DequantizeLinear")}
         assert dtypes == {"INT4", "INT8"}
@@ -190,7 +192,8 @@ def test_keep_8bit_is_weight_only_8bit_blocks(fmt):
     x = rand(2, K)
     h = x @ rtn(w1, BLOCK, True).dequantize()
     expected = h @ rtn_8bit(w2, 64).dequantize()
-    np.testing.assert_allclose(run_proto(model, {"x": x})["y"], expected, rtol=1e-4, atol=1e-4)
+    # at level 4 the kernel quantizes its input to int8 per block (measured: 0.4% of the largest output)
+    np.testing.assert_allclose(run_proto(model, {"x": x})["y"], expected, rtol=0.01, atol=0.01 * np.abs(expected).max())
     assert np.abs(expected - h @ w2).max() < 0.01 * np.abs(h @ w2).max()  # 8 bits: near the float layer
 
 
