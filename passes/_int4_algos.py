@@ -45,15 +45,17 @@ def blocked(w: np.ndarray, block: int) -> np.ndarray:
 
 
 def params(x: np.ndarray, symmetric: bool) -> tuple[np.ndarray, np.ndarray]:
-    """Scale and zero point of each block (last axis) of ``x``: its min/max range, or ±max|x| when symmetric."""
+    """Scale and zero point of each block (last axis) of ``x``: its min/max range; symmetric, the scale
+    that puts the weight of largest magnitude on code 0 (value -8), so all 16 codes are used (the scale
+    is negative when that weight is positive), as onnxruntime's quantizer does."""
     if symmetric:
-        amax = np.abs(x).max(-1)
-        scale = amax / (MAXQ - SYMMETRIC_ZERO)
+        peak = np.take_along_axis(x, np.abs(x).argmax(-1)[..., None], -1)[..., 0]
+        scale = peak / -SYMMETRIC_ZERO
         zero = np.full(scale.shape, SYMMETRIC_ZERO, np.uint8)
-    else:
-        lo, hi = np.minimum(x.min(-1), 0), np.maximum(x.max(-1), 0)
-        scale = (hi - lo) / MAXQ
-        zero = np.clip(np.rint(-lo / np.where(scale > 0, scale, 1)), 0, MAXQ).astype(np.uint8)
+        return np.where(scale != 0, scale, 1).astype(np.float32), zero
+    lo, hi = np.minimum(x.min(-1), 0), np.maximum(x.max(-1), 0)
+    scale = (hi - lo) / MAXQ
+    zero = np.clip(np.rint(-lo / np.where(scale > 0, scale, 1)), 0, MAXQ).astype(np.uint8)
     return np.where(scale > 0, scale, 1).astype(np.float32), zero
 
 
@@ -124,9 +126,10 @@ def shrink_lp(x: np.ndarray, beta: float, p: float) -> np.ndarray:
 
 
 def fit_scale(t: np.ndarray, c: np.ndarray, s: np.ndarray) -> np.ndarray:
-    """Least-squares scale of ``t ≈ s * c`` per block (the old ``s`` where that is undefined or not positive)."""
+    """Least-squares scale of ``t ≈ s * c`` per block (the old ``s`` where that is undefined, zero, or of
+    the other sign)."""
     num, den = (t * c).sum(-1), (c * c).sum(-1)
-    return np.where((den > 0) & (num > 0), num / np.where(den > 0, den, 1), s)
+    return np.where((den > 0) & (num * s > 0), num / np.where(den > 0, den, 1), s)
 
 
 def hqq(w: np.ndarray, block: int, symmetric: bool, iters: int = 20, p: float = 0.7, beta: float = 10.0,

@@ -34,7 +34,7 @@ def output_error(x, w, blocks: Blocks):
 def check_blocks(b: Blocks, k, n, symmetric):
     assert b.q.dtype == np.uint8 and b.zero.dtype == np.uint8 and b.scale.dtype == np.float32
     assert b.q.shape == (n, -(-k // BLOCK), BLOCK) and b.scale.shape == b.zero.shape == b.q.shape[:2]
-    assert b.q.max() <= MAXQ and b.zero.max() <= MAXQ and (b.scale > 0).all()
+    assert b.q.max() <= MAXQ and b.zero.max() <= MAXQ and (b.scale != 0).all()
     if symmetric:
         assert (b.zero == SYMMETRIC_ZERO).all()
     assert b.dequantize().shape == (k, n)
@@ -44,21 +44,31 @@ def check_blocks(b: Blocks, k, n, symmetric):
 def test_rtn_is_exact_on_the_grid(symmetric):
     rng = np.random.default_rng(0)
     blocks = K // BLOCK
-    if symmetric:  # codes 1..15 around 8, each block reaching 15: its range is ±7 steps
+    if symmetric:  # codes 0..15 around 8, each block's largest magnitude at code 0 (-8 steps): all 16 codes
         q, zero = rng.integers(1, 16, (N, blocks, BLOCK)), np.full((N, blocks), SYMMETRIC_ZERO)
-        q[..., 0] = MAXQ
+        q[..., 0] = 0
     else:  # each block spans codes 0..15 and holds its zero point
         q, zero = rng.integers(0, 16, (N, blocks, BLOCK)), rng.integers(0, 16, (N, blocks))
         q[..., 0], q[..., 1] = 0, MAXQ
     scale = rng.uniform(0.01, 0.1, (N, blocks)).astype(np.float32)
     w = Blocks(q.astype(np.uint8), scale, zero.astype(np.uint8), K).dequantize()
     got = rtn(w, BLOCK, symmetric)
+    assert (got.scale > 0).all()  # the peak is negative here; a positive one takes a negative scale
     np.testing.assert_array_equal(got.q, q)
     np.testing.assert_array_equal(got.zero, zero)
     np.testing.assert_allclose(got.dequantize(), w, rtol=0, atol=1e-6 * np.abs(w).max())
 
 
-@pytest.mark.parametrize("symmetric, most", [(False, 0.95), (True, 0.9)])
+def test_symmetric_rtn_puts_the_peak_on_code_0_whatever_its_sign():
+    w = np.array([[0.1, -0.2], [0.8, 0.3], [-0.4, -0.6]] + [[0.0, 0.0]] * (BLOCK - 3), np.float32)
+    b = rtn(w, BLOCK, True)
+    np.testing.assert_allclose(b.scale[:, 0], [-0.1, 0.075], rtol=1e-6)  # 0.8 / -8 and -0.6 / -8
+    assert b.q[0, 0, 1] == 0 and b.q[1, 0, 2] == 0  # the peaks: 0.8 and -0.6 exactly
+    np.testing.assert_allclose(b.dequantize()[[1, 2], [0, 1]], [0.8, -0.6], rtol=1e-6)
+    assert b.q[1, 0, 1] == 12  # 0.3 / 0.075 = 4 steps above the zero point
+
+
+@pytest.mark.parametrize("symmetric, most", [(False, 0.95), (True, 0.95)])
 def test_hqq_reconstructs_better_than_rtn(symmetric, most):
     w = layer_weight()
     b = hqq(w, BLOCK, symmetric)
