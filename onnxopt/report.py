@@ -154,11 +154,15 @@ def layer_table(title: str, rows: list[dict], limit: int = 40) -> Table:
         worst = sorted(range(len(rows)), key=lambda i: _sqnr(rows[i]))[:limit]
         shown = [rows[i] for i in sorted(worst)]
     timed = any(r.get("float_us") is not None for r in rows)  # a pass that profiled its layers
-    table = _table(title, ["layer", "op", "weight", "activation", "weight scale", "SQNR dB",
-                           *(("float µs", "int8 µs") if timed else ())], left=("layer", "op", "weight", "activation"))
+    blocked = any(r.get("block") is not None for r in rows)  # weights quantized in blocks (bits=4)
+    table = _table(title, ["layer", "op", "weight", "activation", *(("block", "weight MSE") if blocked else ()),
+                           "weight scale", "SQNR dB", *(("float µs", "int8 µs") if timed else ())],
+                   left=("layer", "op", "weight", "activation"))
     for r in shown:
+        blocks = (_opt(r.get("block"), "d"), _opt(r.get("weight_mse"), ".3g")) if blocked else ()
         times = (_opt(r.get("float_us"), ".0f"), _opt(r.get("int8_us"), ".0f")) if timed else ()
-        _add(table, r["layer"], r["op"], r["weight"], r.get("activation") or "-", _scale_range(r), _db(r.get("sqnr_db")), *times)
+        _add(table, r["layer"], r["op"], r["weight"], r.get("activation") or "-", *blocks, _scale_range(r),
+             _db(r.get("sqnr_db")), *times)
     if len(rows) > limit:
         table.caption, table.caption_justify = f"{len(rows) - limit} more layers, of higher SQNR, in the report", "left"
     return table

@@ -149,3 +149,13 @@ def test_table_shows_the_lowest_sqnr_layers():
     assert len(shown) == 40 and "l3" not in shown and shown[0] == "l0" and shown[-1] == "l40"
     assert "5 more" in table.caption
     assert list(table.columns[4].cells)[0] == "0.01–0.02"
+
+
+def test_table_shows_block_and_weight_mse_of_block_quantized_layers():
+    rows = [{"layer": "fc1", "op": "MatMul", "weight": "uint4", "activation": "float32", "block": 32, "weight_mse": 0.0099,
+             "weight_scale_min": 0.1, "weight_scale_max": 0.4, "sqnr_db": 19.4},
+            {"layer": "fc2", "op": "MatMul", "weight": "int8", "activation": "float32", "block": 128, "weight_mse": 4.09e-05,
+             "weight_scale_min": 0.02, "weight_scale_max": 0.03, "sqnr_db": 21.8}]
+    table = report.layer_table("layers of quant", rows)
+    columns = {c.header: list(c.cells) for c in table.columns}
+    assert columns["block"] == ["32", "128"] and columns["weight MSE"] == ["0.0099", "4.09e-05"]
