@@ -4,7 +4,7 @@ import numpy as np
 import onnx_ir as ir
 import pytest
 from helpers import F, make_model
-from onnx import helper
+from onnx import TensorProto, helper
 
 from onnxopt.passes._int4_algos import MAXQ, SYMMETRIC_ZERO, Blocks, encode, gptq, hqq, params, rtn
 from onnxopt.passes._int4_calib import input_hessians
@@ -160,3 +160,24 @@ def test_input_hessians_stream_x_transpose_x(tmp_path):
     assert sums["x"].dtype == np.float64 and sums["x"].shape == (8, 8)
     np.testing.assert_allclose(sums["x"], xs.T @ xs, rtol=1e-10)
     np.testing.assert_allclose(sums["r"], rs.T @ rs, rtol=1e-5)
+
+
+def test_input_hessians_leave_out_padding_rows(tmp_path):
+    """With an attention_mask input, the rows of [batch, seq, K] activations at padding do not count."""
+    rng = np.random.default_rng(0)
+    nodes = [helper.make_node("Cast", ["attention_mask"], ["m"], to=TensorProto.FLOAT),
+             helper.make_node("Unsqueeze", ["m", "last"], ["m3"]),
+             helper.make_node("Add", ["x", "m3"], ["h"]),  # something that reads the mask
+             helper.make_node("MatMul", ["h", "w"], ["y"])]
+    proto = make_model(nodes, [("x", F, ["batch", 4, 8]), ("attention_mask", TensorProto.INT64, ["batch", 4])],
+                       [("y", F, ["batch", 4, 3])], {"w": rng.standard_normal((8, 3)).astype(np.float32),
+                                                     "last": np.array([-1], np.int64)})
+    x = rng.standard_normal((6, 4, 8)).astype(np.float32)
+    mask = (np.arange(4)[None] < rng.integers(1, 5, (6, 1))).astype(np.int64)
+    x[mask == 0] = 1000.0  # padding: huge, and ignored
+    np.savez(tmp_path / "calib.npz", x=x, attention_mask=mask)
+    model = ir.serde.deserialize_model(proto)
+    sums, rows = input_hessians(model, [n for n in model.graph if n.op_type == "MatMul"], str(tmp_path / "calib.npz"))
+    h = (x + mask[..., None].astype(np.float32))[mask != 0].astype(np.float64)
+    assert rows == {"h": int(mask.sum())}
+    np.testing.assert_allclose(sums["h"], h.T @ h, rtol=1e-6)
