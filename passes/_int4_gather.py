@@ -23,8 +23,7 @@ MS_DOMAIN = "com.microsoft"
 def table_initializers(node: ir.Node, blocks: Blocks) -> tuple:
     """(data, scales, zero points or None) of the table ``node`` reads, as initializers of its graph;
     codes and zero points packed two per byte, as GatherBlockQuantized takes them."""
-    graph = node.graph
-    base = node.name or node.outputs[0].name or "gather"
+    graph, base = node.graph, _base(node)
     data, scales, zeros = gbq_layout(blocks)
     return (add_initializer(graph, data, fresh_name(graph, base, "table_int4")),
             add_initializer(graph, scales, fresh_name(graph, base, "table_scale")),
@@ -47,18 +46,19 @@ def gather_then_dequantize(node: ir.Node, table: tuple, block: int, width: int, 
     def const(array, suffix):
         return add_initializer(graph, np.asarray(array), fresh_name(graph, base, suffix))
 
+    low_mask, high_shift = const(np.uint8(0x0F), "low_mask"), const(np.uint8(4), "high_shift")
+    last = const(np.array([-1], np.int64), "last_axis")
+    row_shape = const(np.array([0] * indices_rank + [-1], np.int64), "row_shape")
+
     def gathered_nibbles(packed: ir.Value, count: int, what: str) -> list[ir.Node]:
         """The rows of ``packed`` that ``indices`` pick, unpacked to ``count`` codes a row (low nibble first)."""
         rows = ir.node("Gather", [packed, indices], {"axis": 0}, name=f"{base}.{what}_packed")
-        low = ir.node("BitwiseAnd", [rows.outputs[0], const(np.uint8(0x0F), "low_mask")], name=f"{base}.{what}_low")
-        high = ir.node("BitShift", [rows.outputs[0], const(np.uint8(4), "high_shift")], {"direction": "RIGHT"},
-                       name=f"{base}.{what}_high")
-        last = const(np.array([-1], np.int64), "last_axis")
+        low = ir.node("BitwiseAnd", [rows.outputs[0], low_mask], name=f"{base}.{what}_low")
+        high = ir.node("BitShift", [rows.outputs[0], high_shift], {"direction": "RIGHT"}, name=f"{base}.{what}_high")
         pairs = [ir.node("Unsqueeze", [low.outputs[0], last], name=f"{base}.{what}_low_pair"),
                  ir.node("Unsqueeze", [high.outputs[0], last], name=f"{base}.{what}_high_pair")]
         both = ir.node("Concat", [p.outputs[0] for p in pairs], {"axis": -1}, name=f"{base}.{what}_pairs")
-        flat = ir.node("Reshape", [both.outputs[0], const(np.array([0] * indices_rank + [-1], np.int64), "row_shape")],
-                       name=f"{base}.{what}_unpacked")
+        flat = ir.node("Reshape", [both.outputs[0], row_shape], name=f"{base}.{what}_unpacked")
         new = [rows, low, high, *pairs, both, flat]
         if 2 * packed.shape[-1] != count:  # an odd count: the last byte's high nibble is padding
             ends = const(np.array([count], np.int64), f"{what}_count")

@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import copy
 
-import numpy as np
 import onnx_ir as ir
 
 from onnxopt import compare
 
 from ._calibrate import first_batch
-from ._common import constant, graphs_of
+from ._common import graphs_of
 from ._int4_algos import block_8bit
 from ._quant_search import worst_cosine
 
@@ -53,17 +52,17 @@ def auto_8bit(model: ir.Model, targets: list[ir.Node], options, quantize_one) ->
 def _bytes_4bit(node: ir.Node, options) -> float:
     """Bytes of the node's weight [K, N] as 4-bit blocks along K (a table [V, D]: along D), with their
     scales and zero points."""
-    w = _weight(node)
-    k, n = w.shape[::-1] if node.op_type == "Gather" else w.shape[-2:]
+    shape = tuple(weight_of(node).const_value.shape)
+    k, n = shape[::-1] if node.op_type == "Gather" else shape[-2:]
     return _blocked_bytes(k, n, options.block, 4, zero_points=not options.symmetric)
 
 
 def _bytes_8bit(node: ir.Node) -> float:
     """Bytes of the node's weight as keep_8bit stores it."""
-    w = _weight(node)
+    shape = tuple(weight_of(node).const_value.shape)
     if node.op_type == "Gather":  # int8 table, one scale per column
-        return w.size + w.shape[1] * SCALE_BYTES
-    k, n = w.shape[-2:]
+        return shape[0] * shape[1] + shape[1] * SCALE_BYTES
+    k, n = shape[-2:]
     return _blocked_bytes(k, n, block_8bit(k), 8, zero_points=False)
 
 
@@ -72,8 +71,9 @@ def _blocked_bytes(k: int, n: int, block: int, bits: int, zero_points: bool) -> 
     return blocks * (block * bits / 8 + SCALE_BYTES + (bits / 8 if zero_points else 0))
 
 
-def _weight(node: ir.Node) -> np.ndarray:
-    return constant(node.inputs[1] if node.op_type == "MatMul" else node.inputs[0])
+def weight_of(node: ir.Node) -> ir.Value:
+    """The constant a MatMul (B) or an embedding Gather (the table) reads."""
+    return node.inputs[1] if node.op_type == "MatMul" else node.inputs[0]
 
 
 def _nodes(model: ir.Model) -> list[ir.Node]:

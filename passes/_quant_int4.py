@@ -21,7 +21,7 @@ import onnx_ir as ir
 from . import _int4_algos
 from ._common import add_initializer, constant, fresh_name, graphs_of, is_standard, rank, remove_unused, unique_names
 from ._int4_algos import Blocks, block_8bit, rtn_8bit
-from ._int4_mixed import auto_8bit
+from ._int4_mixed import auto_8bit, weight_of
 from ._int4_gather import gather_block_quantized, gather_then_dequantize, table_initializers
 from ._int4_pack import nbits_layout, qdq_layout
 from ._opset import raise_opset
@@ -77,7 +77,7 @@ def _target(node: ir.Node, options) -> bool:
     wanted = options.op_types.split("|")
     if options.excluded(node) or not is_standard(node, "MatMul", "Gather") or node.op_type not in wanted:
         return False
-    w = constant(node.inputs[1] if node.op_type == "MatMul" else node.inputs[0])
+    w = constant(weight_of(node))
     if w is None or w.dtype != np.float32 or w.ndim < 2 or any(d != 1 for d in w.shape[:-2]):
         return False
     if node.op_type == "Gather":  # packed rows hold two codes per byte: the width must be even
