@@ -12,6 +12,8 @@ import dataclasses
 
 import numpy as np
 
+from ._quant_math import quantize_symmetric
+
 MAXQ = 15  # 4-bit unsigned codes 0..15
 SYMMETRIC_ZERO = 8  # the zero point of signed int4 values stored unsigned (MatMulNBits' default)
 
@@ -110,10 +112,10 @@ def block_8bit(k: int) -> int:
 def rtn_8bit(w: np.ndarray, block: int) -> Blocks:
     """Symmetric 8-bit blocks: codes 1..255 about 128, ±max|x| of each block at ±127."""
     x = blocked(w, block)
-    amax = np.abs(x).max(-1)
-    scale = np.where(amax > 0, amax / 127, 1).astype(np.float32)
-    q = np.clip(np.rint(x / scale[..., None]), -127, 127) + 128
-    return Blocks(q.astype(np.uint8), scale, np.full(scale.shape, 128, np.uint8), w.shape[0], bits=8)
+    q, scale = quantize_symmetric(x.reshape(-1, block), axis=0)
+    codes = (q.astype(np.int16) + 128).astype(np.uint8).reshape(x.shape)
+    scale = scale.reshape(x.shape[:2])
+    return Blocks(codes, scale, np.full(scale.shape, 128, np.uint8), w.shape[0], bits=8)
 
 
 # --- HQQ: data-free, half-quadratic fit of each block's affine map

@@ -18,10 +18,9 @@ from onnxopt import compare
 from ._calibrate import first_batch
 from ._common import graphs_of
 from ._int4_algos import block_8bit
-from ._quant_search import worst_cosine
+from ._quant_search import EVAL_ROWS, worst_cosine
 
 BUDGET = 0.015  # extra bytes for 8-bit layers, as a fraction of the 4-bit weights' bytes (MiniLM: 14.75 -> 14.96 MB)
-EVAL_ROWS = 8
 SCALE_BYTES = 4  # float32
 
 

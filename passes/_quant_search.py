@@ -17,6 +17,7 @@ from ._quant_profile import scope, scope_times
 
 QDQ = ("QuantizeLinear", "DequantizeLinear")
 Quantizer = Callable[[ir.Model, set], object]
+EVAL_ROWS = 8  # calibration samples the accuracy searches check each candidate on
 MARGIN = 0.1  # int8 must be this much slower in the profile before a scope goes back to float (noise)
 
 

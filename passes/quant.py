@@ -20,7 +20,7 @@ from ._common import graphs_of, infer_shapes, lift_constants, remove_unused, uni
 from ._quant_dynamic import dynamic_matmuls, dynamic_quantizer
 from ._quant_int4 import quantize_int4
 from ._quant_layers import layers as quant_layers
-from ._quant_search import keep_float_for_accuracy, keep_float_for_speed
+from ._quant_search import EVAL_ROWS, keep_float_for_accuracy, keep_float_for_speed
 from ._quant_smooth import smooth_inputs
 from ._quant_static import static_matmuls, static_quantizer
 from ._quant_tune import latencies, tuning_feeds
@@ -32,7 +32,6 @@ MODES = ("dynamic", "static")
 METHODS = ("minmax", "percentile", "entropy")
 OP_TYPES = ("MatMul", "Gemm", "Gather")
 NOTE_SCOPES = 12  # scopes kept in float that the run's note names
-EVAL_ROWS = 8  # calibration samples the accuracy search checks each candidate on
 MIN_GAIN = 1.05  # tune=latency keeps int8 only when it is at least this much faster than float
 ALGOS = ("auto", "rtn", "hqq", "gptq")
 FORMATS = ("ort", "qdq")
