@@ -14,7 +14,6 @@ import onnx_ir as ir
 from onnxopt.errors import UsageError
 from onnxopt.passbase import Option, OptPass
 
-from . import _int4_algos
 from ._calibrate import first_batch
 from ._common import graphs_of, infer_shapes, lift_constants, remove_unused, unique_names
 from ._quant_dynamic import dynamic_matmuls, dynamic_quantizer
@@ -132,8 +131,6 @@ class Quantize(OptPass):
             raise UsageError("pass quant: smooth moves outliers out of int8 activations; bits=4 keeps activations float")
         if self.algo == "gptq" and not self.calib:
             raise UsageError("pass quant: algo=gptq needs calib=PATH: it weighs each weight's error by its inputs on the calibration data")
-        if self.algo not in ("auto", "rtn") and not hasattr(_int4_algos, self.algo):
-            raise UsageError(f"pass quant: algo={self.algo} is not in this build")
 
     def notes(self) -> list[str]:
         if self.bits == 4:
