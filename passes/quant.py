@@ -64,10 +64,10 @@ class Quantize(OptPass):
         Option("min_cosine", float, 0.99, "fidelity budget: the least output cosine the check accepts (bits=4: 0.8 unless given); with calib, the costliest layers stay float to hold it there"),
         Option("bits", int, 8, "8, or 4: weight-only 4-bit blocks for MatMul weights and embedding tables (for size and memory; mode, tune and smooth do not apply)"),
         Option("block", int, 32, "bits=4: weights per block along K (along the embedding dim for tables), each with its own scale; a power of two, at least 16"),
-        Option("symmetric", bool, False, "bits=4: false: a 4-bit zero point per block (on MiniLM cos 0.973 vs 0.955 symmetric, +0.36 MB); true: symmetric about 0, no zero points"),
+        Option("symmetric", bool, False, "bits=4: false: a 4-bit zero point per block (on MiniLM cos 0.973 vs 0.964 symmetric, +0.36 MB); true: symmetric about 0, no zero points, each block's largest-magnitude weight on code -8"),
         Option("algo", str, "auto", "bits=4: rtn (round to nearest), hqq (data-free fit of each block's scale and zero point), gptq (needs calib; embedding tables, with no input to weigh by, use hqq), or auto: gptq when calib is given, else rtn"),
         Option("format", str, "ort", "bits=4: ort (onnxruntime's MatMulNBits and GatherBlockQuantized) or qdq (blocked DequantizeLinear of int4 weights, standard ONNX at opset 21)"),
-        Option("accuracy_level", int, 0, "bits=4, format=ort: MatMulNBits' least precision of its input: 0 as given, 1 fp32, 2 fp16, 3 bf16, 4 int8. 0 because on an AVX2 CPU without VNNI 4 was no faster at batch 1 and 10% slower at batch 32 on MiniLM, for the same accuracy; try 4 on CPUs with VNNI or ARM dot products"),
+        Option("accuracy_level", int, 0, "bits=4, format=ort: MatMulNBits' least precision of its input: 0 as given, 1 fp32, 2 fp16, 3 bf16, 4 int8. 0 because on an AVX2 CPU without VNNI 4 was no faster at batch 1 and 10% slower at batch 32 on MiniLM, for the same accuracy; 8-bit layers (keep_8bit) take 4 at 0, their fast kernel on CPU; try 4 on CPUs with VNNI or ARM dot products"),
         Option("keep_8bit", str, "auto", "bits=4: MatMul/Gather node names or regexes, separated by |, to keep at 8 bits (weight-only) instead; auto: with calib, the layers whose 4 bits cost the outputs most per byte, within 1.5% more weight bytes (without calib: none)"),
     )
 
