@@ -5,13 +5,14 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import traceback
 import warnings
 from pathlib import Path
 
 import click
 
 from onnxopt import bench, compare, gate, inputs, io, layer_error, pipeline, policy, progress, report, runtime, validate
-from onnxopt.errors import CheckFailed, OnnxoptError, UsageError
+from onnxopt.errors import CheckFailed, InternalError, OnnxoptError, UsageError
 from onnxopt.inspection import describe
 from onnxopt.passbase import get_pass, parse_pass_list, registry
 
@@ -20,8 +21,12 @@ SPEEDUP_ITERS = 30  # timed runs per model for the report's speedup
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="onnxopt")
-def cli():
-    """Make exported ONNX models smaller and faster without retraining, and prove it."""
+@click.option("--debug", is_flag=True, help="Show the traceback of an error (also accepted after the command).")
+def cli(debug):
+    """Make exported ONNX models smaller and faster without retraining, and prove it.
+
+    Exit codes: 0 success, 1 a failed check or gate, 2 bad input, 3 an internal error (a bug: rerun with
+    --debug and report the traceback)."""
 
 
 @cli.command("run")
@@ -30,14 +35,17 @@ def cli():
               help="Comma-separated passes with options, e.g. 'fold(size_limit=1048576),prune'.")
 @click.option("-o", "--output", type=click.Path(path_type=Path), help="Output model [default: <stem>.opt.onnx beside MODEL].")
 @click.option("--report", "report_path", type=click.Path(path_type=Path), help="Write the run report as JSON.")
-@click.option("--shape", "shapes", multiple=True, metavar="NAME=DIMS", help="Input shape for the check, e.g. images=1,3,640,640.")
+@click.option("--shape", "shapes", multiple=True, metavar="NAME=DIMS", help="Input shape for the check, e.g. images=1,3,640,640 [default: found by trying sizes].")
+@click.option("--inputs", "data", type=click.Path(path_type=Path), help="Real samples for the check: an .npz (arrays named after the inputs, first axis = samples) or a folder of them.")
 @click.option("--no-check", is_flag=True, help="Skip the equivalence check of the output against the input.")
 @click.option("--atol", type=float, default=1e-4, show_default=True, help="Absolute tolerance of the check.")
 @click.option("--rtol", type=float, default=1e-3, show_default=True, help="Relative tolerance of the check.")
 @click.option("--external-data", is_flag=True, help="Store tensors in <output>.data beside the model (automatic above 2 GB).")
 @click.option("--gate", "gate_path", type=click.Path(path_type=Path), help="Gate the output with this policy; keep it only if every goal passes.")
 @click.option("--keep-failed", is_flag=True, help="With --gate: write the output even when the gate fails (still exit 1).")
-def run_cmd(model, pass_spec, output, report_path, shapes, no_check, atol, rtol, external_data, gate_path, keep_failed):
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar and no tables: notes, errors and the output's path only.")
+def run_cmd(model, pass_spec, output, report_path, shapes, data, no_check, atol, rtol, external_data, gate_path,
+            keep_failed, quiet):
     """Optimize MODEL with the given passes, check it, and write it."""
     passes = parse_pass_list(pass_spec)
     shape_map = inputs.parse_shapes(shapes)
@@ -48,37 +56,35 @@ def run_cmd(model, pass_spec, output, report_path, shapes, no_check, atol, rtol,
     graph = io.load(model)
     io.check_output_path(output, model)
     out = report.console()
-    with progress.bar(out, "optimizing") as advance:
+    say = (lambda *a, **k: None) if quiet else out.print
+    samples = _check_samples(out, graph, model, shape_map, data) if not no_check or report_path else []
+    with progress.bar(out, "optimizing", quiet=quiet) as advance:
         graph, run_report = pipeline.run(graph, passes, on_pass=lambda p: advance(0, f"pass {p!r}"))
     gate_failed = None
     with io.staged_save(graph, output, external_data=external_data or None) as staged:
         size_before, size_after = io.file_size(model), io.file_size(staged)
         for table in report.run_tables(run_report, size_before, size_after):
-            out.print(table)
+            say(table)
         for record in run_report.passes:
             for note in record.notes:
                 out.print(f"{record.name}: {note}", markup=False)
-        results, feeds = [], None
-        if not no_check or report_path:
-            feeds, notices = inputs.generate(graph, shape_map)
-            for notice in notices:
-                out.print(f"note: {notice}", markup=False)
+        results, feeds = [], samples[0] if samples else None
         if not no_check:
-            results = compare.compare_models(model, staged, feeds, atol=atol, rtol=rtol)
+            results = compare.compare_models(model, staged, samples, atol=atol, rtol=rtol)
             lossy = [p for p in passes if not p.exact]
             budget = compare.fidelity_budget(lossy)
             if budget:
                 for r in results:
                     r.passed = r.cosine >= budget[0]
             title = f"check (cosine >= {budget[0]:g}, the budget of {budget[1]!r})" if budget else f"check (atol {atol:g}, rtol {rtol:g})"
-            out.print(report.comparison_table(results, title))
+            say(report.comparison_table(results, title))
             if not lossy:
                 compare.require_equivalent(results, f"{model}: the passes were meant to be exact")
             elif budget:
                 compare.require_fidelity(results, *budget)
         gated = None
         if gate_policy:
-            gated = _gate(out, gate_policy, model, staged, quiet=False)
+            gated = _gate(out, gate_policy, model, staged, quiet=quiet)
             gated.candidate = str(output)
             if not gated.passed:
                 gate_failed = _gate_failure(gated)
@@ -97,6 +103,21 @@ def run_cmd(model, pass_spec, output, report_path, shapes, no_check, atol, rtol,
     out.print(f"wrote {output}")
     if gate_failed:
         raise gate_failed
+
+
+def _check_samples(out, graph, model: Path, shape_map: dict, data: Path | None) -> list[dict]:
+    """The inputs of the check, found before the passes run so that a model nothing runs fails fast:
+    the user's samples, or one generated sample of shapes that run the input model (noted)."""
+    notices: list[str] = []
+    if data is not None:
+        samples = list(inputs.InputSpec(data=data).batches(graph, notices))
+        if not samples:
+            raise UsageError(f"--inputs {data}: no samples")
+    else:
+        samples = [inputs.first_batch(inputs.InputSpec(shapes=shape_map), graph, notices, model)]
+    for notice in notices:
+        out.print(f"note: {notice}", markup=False)
+    return samples
 
 
 def _layer_sections(out, passes, graph, model, staged, feeds) -> list[dict]:
@@ -243,7 +264,7 @@ def bench_cmd(models, data, shapes, ranges, batch, seed, eps, iters, seconds, wa
     for path in models[1:]:
         io.load(path)
     notices: list[str] = []
-    feeds = inputs.first_batch(spec, first, notices)
+    feeds = inputs.first_batch(spec, first, notices, models[0])
     settings = bench.Settings(iters=iters, seconds=seconds, warmup=warmup, threads=threads, speedup_stat=speedup_by)
     out = report.console()
     if not as_json:
@@ -361,11 +382,16 @@ def _one_line_warning(message, category, filename, lineno, file=None, line=None)
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Entry point: user mistakes become one line on stderr and exit 2; failed checks exit 1."""
+    """Entry point: user mistakes become one line on stderr and exit 2; failed checks exit 1; anything
+    unexpected exit 3, naming the command or pass, with the traceback only under ``--debug``."""
     logging.getLogger("onnx_ir").setLevel(logging.ERROR)  # its notes on skipped rewrites are not the user's concern
     warnings.showwarning = _one_line_warning
+    args = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in args[: args.index("--")] if "--" in args else "--debug" in args
+    if debug:  # a group option, accepted anywhere: move it in front of the command
+        args = ["--debug", *(a for a in args if a != "--debug")]
     try:
-        cli.main(args=argv, prog_name="onnxopt", standalone_mode=False)
+        cli.main(args=args, prog_name="onnxopt", standalone_mode=False)
     except click.exceptions.Exit as e:
         sys.exit(e.exit_code)
     except click.exceptions.Abort:
@@ -374,10 +400,18 @@ def main(argv: list[str] | None = None) -> None:
     except click.ClickException as e:
         click.echo(f"error: {e.format_message()}", err=True)
         sys.exit(2)
-    except OnnxoptError as e:
-        click.echo(f"error: {e}", err=True)
-        sys.exit(e.exit_code)
     except KeyboardInterrupt:
         click.echo("error: interrupted", err=True)
         sys.exit(130)
+    except Exception as e:
+        error = e if isinstance(e, OnnxoptError) else InternalError(f"onnxopt {_command(args)}", e)
+        if debug:
+            traceback.print_exception(e)
+        click.echo(f"error: {error}", err=True)
+        sys.exit(error.exit_code)
     sys.exit(0)
+
+
+def _command(args: list[str]) -> str:
+    """The subcommand named in ``args`` (for an internal error's message)."""
+    return next((a for a in args if a in cli.commands), "")

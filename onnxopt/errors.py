@@ -20,3 +20,13 @@ class CheckFailed(OnnxoptError):
     """A model failed a check or a gate (exit 1)."""
 
     exit_code = 1
+
+
+class InternalError(OnnxoptError):
+    """A bug: an exception onnxopt did not expect, in the pass or stage it names (exit 3)."""
+
+    exit_code = 3
+
+    def __init__(self, where: str, cause: BaseException):
+        super().__init__(f"internal error in {where} ({type(cause).__name__}: {one_line(cause, 200)}); "
+                         "rerun with --debug for the traceback")

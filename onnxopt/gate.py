@@ -65,7 +65,7 @@ def evaluate(policy: Policy, reference: str | os.PathLike, candidate: str | os.P
         notices += checked.notices
         goals += [Goal(f"accuracy.{v.metric}[{v.output}]", v.target, v.measured, v.passed) for v in checked.verdicts]
     if policy.latency:
-        feeds = inputs.first_batch(policy.inputs, model, notices)
+        feeds = inputs.first_batch(policy.inputs, model, notices, reference)
         runs = None if policy.bench.seconds is not None else (policy.bench.iters or 100) * len(policy.latency)
         progress(0, "latency", runs)
         timings = bench.bench([reference, candidate], feeds, [g.ep for g in policy.latency], policy.bench,

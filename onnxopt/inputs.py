@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import onnx_ir as ir
 
+from onnxopt import shapes as shape_resolver
 from onnxopt.errors import UsageError
 
 Feeds = dict[str, np.ndarray]
@@ -60,6 +61,7 @@ class InputSpec:
     batch: int | None = None
     samples: int | None = None
     seed: int = 0
+    label: str = "--inputs {path}"  # how errors name the data (a pass's calib= reads it too)
 
     def model_inputs(self, model: ir.Model) -> list[ir.Value]:
         graph = model.graph
@@ -71,18 +73,20 @@ class InputSpec:
                 raise UsageError(f"{option} names no input of the model: {', '.join(sorted(unknown))}")
         return values
 
-    def batches(self, model: ir.Model, notices: list[str]) -> Iterator[Feeds]:
-        """The feeds to run, one dict per run."""
+    def batches(self, model: ir.Model, notices: list[str], source=None) -> Iterator[Feeds]:
+        """The feeds to run, one dict per run. Generated inputs take shapes that run ``model`` (whose
+        file is ``source``, when there is one), noted in ``notices``."""
         if self.data is None:
-            return self._generated(model, notices)
+            return self._generated(model, notices, source)
         return load_batches(self, model, notices)
 
-    def _generated(self, model: ir.Model, notices: list[str]) -> Iterator[Feeds]:
+    def _generated(self, model: ir.Model, notices: list[str], source) -> Iterator[Feeds]:
+        self.model_inputs(model)  # refuse --shape/--range names the model lacks before running it
+        choice = shape_resolver.resolve(model, self.shapes, self.batch, source=source)
+        if note := choice.note():
+            notices.append(note)
         for i in range(self.samples or 1):
-            feeds, found = generate(model, self.shapes, self.seed + i, self.ranges, self.batch)
-            if i == 0:
-                notices.extend(found)
-            yield feeds
+            yield generate(model, choice.shapes, self.seed + i, self.ranges)[0]
 
     def count(self, model: ir.Model) -> int | None:
         """How many samples the batches hold (read from the array headers, not the data)."""
@@ -90,8 +94,8 @@ class InputSpec:
             return self.samples or 1
         values = self.model_inputs(model)
         total = 0
-        for path in data_files(self.data):
-            with _open_npz(path) as npz:
+        for path in data_files(self.data, self.label):
+            with _open_npz(path, self.label) as npz:
                 name = next((v.name for v in values if v.name in npz.files), None)
                 if name is None:
                     return None
@@ -107,8 +111,8 @@ def _rows_in_header(npz, name: str) -> int:
     return shape[0] if shape else 1
 
 
-def first_batch(spec: InputSpec, model: ir.Model, notices: list[str]) -> Feeds:
-    return next(iter(spec.batches(model, notices)))
+def first_batch(spec: InputSpec, model: ir.Model, notices: list[str], source=None) -> Feeds:
+    return next(iter(spec.batches(model, notices, source)))
 
 
 def input_shape(value: ir.Value, shapes: dict[str, list[int]], notices: list[str], batch: int | None = None) -> list[int]:
@@ -118,10 +122,12 @@ def input_shape(value: ir.Value, shapes: dict[str, list[int]], notices: list[str
         return shapes[value.name]
     if value.shape is None:
         raise UsageError(f"input {value.name} has no shape: give one with --shape {value.name}=...")
-    dims = [d if isinstance(d, int) else 1 for d in value.shape]
-    if batch and dims and not isinstance(value.shape[0], int):
+    dynamic = [shape_resolver.is_dynamic(d) for d in value.shape]
+    dims = [1 if dyn else d for d, dyn in zip(value.shape, dynamic)]
+    if batch and dims and dynamic[0]:
         dims[0] = batch
-    symbolic = [str(d.value or "?") for i, d in enumerate(value.shape) if not isinstance(d, int) and not (batch and i == 0)]
+    symbolic = [str(getattr(d, "value", None) or d if not isinstance(d, int) else d) for i, d in enumerate(value.shape)
+                if dynamic[i] and not (batch and i == 0)]
     if symbolic:
         notices.append(
             f"input {value.name}: {', '.join(symbolic)} set to 1 (shape {dims}); choose with --shape {value.name}=..."
@@ -164,35 +170,35 @@ def _random(rng: np.random.Generator, value: ir.Value, dims: list[int], lo, hi) 
     raise UsageError(f"input {value.name}: cannot generate values of type {dtype.name}")
 
 
-def data_files(path: Path) -> list[Path]:
+def data_files(path: Path, label: str = "--inputs {path}") -> list[Path]:
     path = Path(path)
     if path.is_dir():
         files = sorted(path.glob("*.npz"))
         if not files:
-            raise UsageError(f"--inputs {path}: the folder holds no .npz files")
+            raise UsageError(f"{label.format(path=path)}: the folder holds no .npz files")
         return files
     if not path.is_file():
-        raise UsageError(f"--inputs {path}: no such file or folder")
+        raise UsageError(f"{label.format(path=path)}: no such file or folder")
     return [path]
 
 
-def _open_npz(path: Path):
+def _open_npz(path: Path, label: str):
     try:
         return np.load(path, allow_pickle=False)
     except Exception as e:
-        raise UsageError(f"--inputs {path}: not a readable .npz file ({type(e).__name__})") from None
+        raise UsageError(f"{label.format(path=path)}: not a readable .npz file ({type(e).__name__})") from None
 
 
 def load_batches(spec: InputSpec, model: ir.Model, notices: list[str]) -> Iterator[Feeds]:
     values = spec.model_inputs(model)
     remaining = spec.samples if spec.samples else np.inf
-    for path in data_files(spec.data):
-        with _open_npz(path) as npz:
+    for path in data_files(spec.data, spec.label):
+        with _open_npz(path, spec.label) as npz:
             missing = [v.name for v in values if v.name not in npz.files]
             if missing:
-                raise UsageError(f"--inputs {path}: no array for input {', '.join(missing)} (it has {', '.join(npz.files)})")
-            arrays = {v.name: _conform(path, v, npz[v.name], notices) for v in values}
-        for feeds, rows in _split(path, values, arrays, spec.batch):
+                raise UsageError(f"{spec.label.format(path=path)}: no array for input {', '.join(missing)} (it has {', '.join(npz.files)})")
+            arrays = {v.name: _conform(path, spec.label, v, npz[v.name], notices) for v in values}
+        for feeds, rows in _split(spec.label.format(path=path), values, arrays, spec.batch):
             if remaining <= 0:
                 return
             if rows > remaining:  # only a batch of rows can hold more than one sample
@@ -202,21 +208,21 @@ def load_batches(spec: InputSpec, model: ir.Model, notices: list[str]) -> Iterat
             yield feeds
 
 
-def _conform(path: Path, value: ir.Value, array: np.ndarray, notices: list[str]) -> np.ndarray:
+def _conform(path: Path, label: str, value: ir.Value, array: np.ndarray, notices: list[str]) -> np.ndarray:
     """Cast to the input's element type where every value survives; refuse otherwise."""
     want = value.dtype.numpy()
     if array.dtype == want:
         return array
     cast = array.astype(want)
     if not np.array_equal(cast.astype(array.dtype), array):
-        raise UsageError(f"--inputs {path}: {value.name} holds {array.dtype} values that {want} cannot represent")
+        raise UsageError(f"{label.format(path=path)}: {value.name} holds {array.dtype} values that {want} cannot represent")
     note = f"{value.name}: {array.dtype} values in {path.name} cast to {want}"
     if note not in notices:
         notices.append(note)
     return cast
 
 
-def _split(path: Path, values: list[ir.Value], arrays: dict[str, np.ndarray], batch: int | None):
+def _split(where: str, values: list[ir.Value], arrays: dict[str, np.ndarray], batch: int | None):
     """Cut one file's arrays into (feeds, samples): rows of the batch axis in chunks, or one feed per leading item."""
     per_item, rows = {}, set()
     for v in values:
@@ -227,32 +233,32 @@ def _split(path: Path, values: list[ir.Value], arrays: dict[str, np.ndarray], ba
         elif rank is None or a.ndim == rank:
             per_item[v.name] = False
             if not a.ndim:
-                raise UsageError(f"--inputs {path}: {v.name} is a scalar; give it a sample axis")
+                raise UsageError(f"{where}: {v.name} is a scalar; give it a sample axis")
         else:
-            raise UsageError(f"--inputs {path}: {v.name} has rank {a.ndim}; the input has rank {rank} (or {rank + 1} with a sample axis)")
+            raise UsageError(f"{where}: {v.name} has rank {a.ndim}; the input has rank {rank} (or {rank + 1} with a sample axis)")
         rows.add(a.shape[0])
     if len(rows) > 1:
-        raise UsageError(f"--inputs {path}: the arrays hold different numbers of samples ({sorted(rows)})")
+        raise UsageError(f"{where}: the arrays hold different numbers of samples ({sorted(rows)})")
     n = rows.pop()
     if all(per_item.values()):
         for i in range(n):
             yield {k: a[i] for k, a in arrays.items()}, 1
         return
     if any(per_item.values()):
-        raise UsageError(f"--inputs {path}: mix of arrays with and without a sample axis")
-    step = _chunk(values, batch, n)
+        raise UsageError(f"{where}: mix of arrays with and without a sample axis")
+    step = _chunk(where, values, batch, n)
     for start in itertools.count(0, step):
         if start >= n:
             return
         yield {k: a[start:start + step] for k, a in arrays.items()}, min(step, n - start)
 
 
-def _chunk(values: list[ir.Value], batch: int | None, n: int) -> int:
+def _chunk(where: str, values: list[ir.Value], batch: int | None, n: int) -> int:
     """Rows per run: a fixed batch dim wins; otherwise ``batch`` (default 1)."""
-    fixed = {v.shape[0] for v in values if v.shape is not None and len(v.shape) and isinstance(v.shape[0], int)}
+    fixed = {v.shape[0] for v in values if v.shape is not None and len(v.shape) and not shape_resolver.is_dynamic(v.shape[0])}
     if fixed:
         size = fixed.pop()
         if n % size:
-            raise UsageError(f"--inputs: {n} samples do not fill whole batches of the model's fixed batch size {size}")
+            raise UsageError(f"{where}: {n} samples do not fill whole batches of the model's fixed batch size {size}")
         return size
     return max(1, batch or 1)

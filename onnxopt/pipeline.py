@@ -10,7 +10,7 @@ from collections.abc import Callable, Sequence
 import onnx_ir as ir
 
 from onnxopt import io
-from onnxopt.errors import CheckFailed, OnnxoptError
+from onnxopt.errors import CheckFailed, InternalError, OnnxoptError
 from onnxopt.passbase import OptPass, as_pass
 from onnxopt.stats import Stats
 
@@ -121,6 +121,5 @@ def _apply(p: OptPass, model: ir.Model) -> bool:
         return p(model).modified
     except OnnxoptError:
         raise
-    except Exception as e:
-        cause = e.__cause__ or e
-        raise CheckFailed(f"pass {p!r} failed on this model: {type(cause).__name__}: {cause}") from e
+    except Exception as e:  # onnx-ir's pass machinery wraps the pass's own exception
+        raise InternalError(f"pass {p.name}", e.__cause__ or e) from e

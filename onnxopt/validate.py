@@ -113,7 +113,7 @@ def validate(
     ref_sess = _session(reference, ep, threads, UsageError, "the reference model")
     cand_sess = _session(candidate, ep, threads, CheckFailed, "the candidate model")
     notices: list[str] = []
-    results = compare.compare_sessions(ref_sess, cand_sess, spec.batches(model, notices), settings, on_batch)
+    results = compare.compare_sessions(ref_sess, cand_sess, spec.batches(model, notices, reference), settings, on_batch)
     everyone = bounds.get("", Bounds())
     verdicts = [v for r in results for v in judge(r, everyone.merged(bounds.get(r.name, Bounds())), tolerance, settings)]
     return Validation(results, verdicts, notices, max((r.samples for r in results), default=0))

@@ -40,7 +40,7 @@ def _spec(calib: str, warn: bool = False, batch: int = BATCH) -> inputs.InputSpe
     path = Path(calib)
     if not path.exists():
         raise UsageError(f"pass quant: calib {calib} does not exist")
-    return inputs.InputSpec(data=path, batch=batch)
+    return inputs.InputSpec(data=path, batch=batch, label="pass quant: calib={path}")
 
 
 def first_batch(model: ir.Model, calib: str, rows: int) -> dict[str, np.ndarray]:

@@ -145,6 +145,8 @@ class Quantize(OptPass):
             notes.append(f"kept {_listed(self.kept_float)} in float to hold min_cosine={self.min_cosine:g} on the calibration samples")
         if getattr(self, "slow_float", None):
             notes.append(f"kept {_listed(self.slow_float)} in float: their int8 kernels were slower in onnxruntime's profile")
+        if getattr(self, "tune_shapes", None):
+            notes.append(self.tune_shapes)
         if getattr(self, "timed", None):
             fp, q = self.timed
             verdict = "kept int8" if fp / q >= MIN_GAIN else \
@@ -174,6 +176,7 @@ class Quantize(OptPass):
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         _refuse_quantized(model)
         self.kept_float, self.slow_float, self.profile, self.timed, self.idle = [], [], [], None, False
+        self.tune_shapes = None
         lift_constants(model)
         infer_shapes(model)  # both modes check the element types of the activations they quantize
         if self.bits == 4:
@@ -191,7 +194,7 @@ class Quantize(OptPass):
         kept = self._keep_for_accuracy(float_model, scopes, quantize)
         slow: set[str] = set()
         if self.tune == "latency":
-            feeds = tuning_feeds(float_model, self.calib, self.example_shapes)
+            feeds, self.tune_shapes = tuning_feeds(float_model, self.calib, self.example_shapes)
             slow, self.profile = keep_float_for_speed(float_model, timed, quantize, kept, feeds)
         self.kept_float, self.slow_float = sorted(kept), sorted(slow)
         modified = quantize(model, kept | slow) or smoothed
