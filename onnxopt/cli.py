@@ -91,8 +91,8 @@ def run_cmd(model, pass_spec, output, report_path, shapes, data, no_check, atol,
                 if not keep_failed:
                     raise gate_failed
         if report_path:
-            sections = _layer_sections(out, passes, graph, model, staged, feeds)
-            totals = {"size_before": size_before, "size_after": size_after, **_speedup(out, model, staged, feeds)}
+            sections = _layer_sections(say, passes, graph, model, staged, feeds)
+            totals = {"size_before": size_before, "size_after": size_after, **_speedup(say, model, staged, feeds)}
             io.write_text(report_path, io.to_json({
                 "input": str(model), "output": str(output), "passes": [repr(p) for p in passes],
                 "size_before": size_before, "size_after": size_after,
@@ -120,29 +120,29 @@ def _check_samples(out, graph, model: Path, shape_map: dict, data: Path | None) 
     return samples
 
 
-def _layer_sections(out, passes, graph, model, staged, feeds) -> list[dict]:
+def _layer_sections(say, passes, graph, model, staged, feeds) -> list[dict]:
     """The layer rows of each pass that reports them, with their SQNR against the input model; printed."""
     sections = [{"pass": repr(p), "layers": rows} for p in passes if (rows := p.layers(graph))]
     rows = [r for section in sections for r in section["layers"]]
     try:
         layer_error.attach_sqnr(rows, model, staged, feeds)
     except OnnxoptError as e:
-        out.print(f"note: no per-layer SQNR in the report: {e}", markup=False)
+        say(f"note: no per-layer SQNR in the report: {e}", markup=False)
         for r in rows:
             r["sqnr_db"] = None
     for section in sections:
-        out.print(report.layer_table(f"layers of {section['pass']}", section["layers"]))
+        say(report.layer_table(f"layers of {section['pass']}", section["layers"]))
     return sections
 
 
-def _speedup(out, model, staged, feeds) -> dict:
+def _speedup(say, model, staged, feeds) -> dict:
     """p50 latency of the input and the output model on the check's inputs, timed side by side."""
     try:
         before, after = bench.bench([model, staged], feeds, settings=bench.Settings(iters=SPEEDUP_ITERS, warmup=3))
     except OnnxoptError as e:
-        out.print(f"note: no speedup in the report: {e}", markup=False)
+        say(f"note: no speedup in the report: {e}", markup=False)
         return {"speedup": None}
-    out.print(f"speedup {after.speedup:.2f}x (p50 {before.stat('p50'):.3f} ms -> {after.stat('p50'):.3f} ms, {SPEEDUP_ITERS} runs each)")
+    say(f"speedup {after.speedup:.2f}x (p50 {before.stat('p50'):.3f} ms -> {after.stat('p50'):.3f} ms, {SPEEDUP_ITERS} runs each)")
     return {"p50_ms_before": before.stat("p50"), "p50_ms_after": after.stat("p50"), "speedup": after.speedup}
 
 
@@ -312,7 +312,8 @@ def _gate_failure(result: gate.GateResult) -> CheckFailed:
 
 @cli.command("passes")
 @click.argument("name", required=False)
-def passes_cmd(name):
+@click.option("-q", "--quiet", is_flag=True, help="Accepted for symmetry: this command shows no progress.")
+def passes_cmd(name, quiet):
     """List the passes, or describe one."""
     out = report.console()
     chosen = {name: get_pass(name)} if name else registry()
@@ -329,7 +330,8 @@ def passes_cmd(name):
 @cli.command("inspect")
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for machines.")
-def inspect_cmd(model, as_json):
+@click.option("-q", "--quiet", is_flag=True, help="Accepted for symmetry: this command shows no progress.")
+def inspect_cmd(model, as_json, quiet):
     """Show what is in MODEL: versions, inputs and outputs, ops, parameters, storage."""
     info = describe(io.load(model), model)
     if as_json:
@@ -370,7 +372,8 @@ def zoo_list():
 @zoo_cmd.command("fetch")
 @click.argument("name")
 @click.option("--force", is_flag=True, help="Download even if cached.")
-def zoo_fetch(name, force):
+@click.option("-q", "--quiet", is_flag=True, help="Accepted for symmetry: only the path is printed anyway.")
+def zoo_fetch(name, force, quiet):
     """Download a zoo model into the cache and print its path."""
     from onnxopt import zoo
 

@@ -11,9 +11,10 @@ onnxruntime session (a failed run costs milliseconds) and keeps the first that r
 1. the user's ``--shape`` for whole inputs (they always win, and bind the symbolic names they fill),
    ``--batch`` for batch dims, hints the model carries (an ``imgsz``-style metadata entry), and
    ``prefer`` (1, or a size worth timing) for every other dynamic dim;
-2. every free dim at one size, sizes ordered by closeness to ``prefer``;
-3. the spatial dims (named height/width, or the last two of an image input) together at one size;
-4. one dim at a time, the others as in 1.
+2. one unit at a time at each size, the others as in 1: the spatial dims (named height/width, or the
+   last two of an image input) are one unit, every other dim its own; sizes by closeness to ``prefer``;
+3. every free dim at one size;
+4. each spatial dim alone.
 
 Dims that share a symbolic name always get one value.
 """
@@ -191,22 +192,15 @@ def _spatial_keys(dims: dict[str, list], free: list[str]) -> list[str]:
 def _candidates(start: dict[str, int], free: list[str], spatial: list[str], prefer: int):
     """Size assignments to try after ``start``, in the order of the module docstring, each once."""
     order = sorted(SIZES, key=lambda s: (abs(math.log(s / prefer)), s))
+    units = [spatial, *([k] for k in free if k not in spatial)] if len(spatial) > 1 else [[k] for k in free]
     seen = {tuple(sorted(start.items()))}
-
-    def once(sizes):
-        key = tuple(sorted(sizes.items()))
-        if key not in seen:
-            seen.add(key)
-            yield sizes
-
-    for s in order:
-        yield from once({**start, **dict.fromkeys(free, s)})
-    if spatial and len(spatial) < len(free):
+    for keys in [*units, free, *([k] for k in spatial if len(spatial) > 1)]:
         for s in order:
-            yield from once({**start, **dict.fromkeys(spatial, s)})
-    for key in free:
-        for s in order:
-            yield from once({**start, key: s})
+            sizes = {**start, **dict.fromkeys(keys, s)}
+            key = tuple(sorted(sizes.items()))
+            if key not in seen:
+                seen.add(key)
+                yield sizes
 
 
 def _shape(value: ir.Value, axes: list[_Dim | None], sizes: dict[str, int]) -> list[int]:

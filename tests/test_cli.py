@@ -139,3 +139,83 @@ def test_default_output_path_and_generated_input_notice(demo, tmp_path):
     assert "set to 1" not in result.stdout
     result = onnxopt("run", demo)
     assert "set to 1" in result.stdout
+
+
+def _save(tmp_path, proto, name="m.onnx"):
+    path = tmp_path / name
+    onnx.save(proto, str(path))
+    return path
+
+
+def test_a_model_that_fails_at_size_1_runs_validates_and_benches_with_no_flags(tmp_path):
+    from test_shapes import patch_net
+
+    path = _save(tmp_path, patch_net())
+    result = onnxopt("run", path, "-o", tmp_path / "out.onnx")
+    assert result.returncode == 0, result.stderr
+    assert "pin them with --shape x=1,1,32,32" in result.stdout and "--no-check" not in result.stdout
+    assert onnxopt("validate", path, tmp_path / "out.onnx").returncode == 0
+    timed = onnxopt("bench", path, tmp_path / "out.onnx", "--iters", "5")
+    assert timed.returncode == 0 and "--shape x=1,1,32,32" in timed.stdout
+
+
+def test_a_model_that_runs_at_no_size_is_one_line_exit_2(tmp_path):
+    nodes = [helper.make_node("Reshape", ["x", "shape"], ["y"])]
+    proto = make_model(nodes, [("x", F, ["n"])], [("y", F, [7])], {"shape": [7]})
+    path = _save(tmp_path, proto)
+    result = onnxopt("run", path)
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1
+    assert "--shape x=n" in result.stderr and "--inputs" in result.stderr and "--no-check" not in result.stderr
+    assert files(tmp_path) == {"m.onnx"}
+    for command in (("validate", path, path), ("bench", path)):
+        result = onnxopt(*command)
+        assert result.returncode == 2 and "--shape x=n" in result.stderr
+
+
+CRASHING_PASS = (
+    "import onnxopt.compare\n"
+    "from onnxopt.passbase import OptPass\n"
+    "class Boom(OptPass):\n"
+    "    name = 'boom'\n"
+    "    def call(self, model):\n"
+    "        return {}['x']\n"
+    "def broken(*args, **kwargs):\n"
+    "    raise ValueError('not expected')\n"
+    "onnxopt.compare.compare_sessions = broken\n"
+    "from onnxopt.cli import main; main()\n"
+)
+
+
+def test_an_unexpected_error_is_one_line_exit_3_and_debug_shows_the_traceback(tmp_path, demo):
+    def run(*args):
+        return subprocess.run([sys.executable, "-c", CRASHING_PASS, *map(str, args)], capture_output=True, text=True)
+
+    result = run("run", demo, "--passes", "boom")
+    assert result.returncode == 3
+    assert result.stderr.strip() == ("error: internal error in pass boom (KeyError: 'x'); "
+                                     "rerun with --debug for the traceback")
+    assert files(tmp_path) == {"demo.onnx"}
+    debug = run("run", demo, "--passes", "boom", "--debug")
+    assert debug.returncode == 3 and "Traceback" in debug.stderr and "in call" in debug.stderr
+    stage = run("run", demo, "--passes", "fold")  # the check itself breaks
+    assert stage.returncode == 3 and len(stage.stderr.strip().splitlines()) == 1
+    assert "internal error in onnxopt run (ValueError: not expected)" in stage.stderr
+    assert files(tmp_path) == {"demo.onnx"}
+
+
+def test_run_checks_on_real_samples_and_quiet(tmp_path, demo):
+    import numpy as np
+
+    np.savez(tmp_path / "s.npz", x=np.random.default_rng(0).random((3, 3, 32, 32), np.float32))
+    result = onnxopt("run", demo, "--inputs", tmp_path / "s.npz", "--report", tmp_path / "r.json", "-q")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().splitlines() == [f"wrote {tmp_path / 'demo.opt.onnx'}"]
+    check = json.loads((tmp_path / "r.json").read_text())["check"]
+    assert check and all(c["samples"] == 3 for c in check)
+    np.savez(tmp_path / "bad.npz", y=np.zeros((2, 3, 32, 32), np.float32))
+    bad = onnxopt("run", demo, "--inputs", tmp_path / "bad.npz")
+    assert bad.returncode == 2 and "--inputs" in bad.stderr and "no array for input x" in bad.stderr
+    calib = onnxopt("run", demo, "--passes", f"quant(mode=static,calib={tmp_path / 'bad.npz'})")
+    assert calib.returncode == 2 and "calib=" in calib.stderr and "--inputs" not in calib.stderr
+    for command in ("validate", "bench", "check", "inspect", "run"):
+        assert "--quiet" in onnxopt(command, "--help").stdout, command
