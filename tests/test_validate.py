@@ -167,3 +167,25 @@ def test_run_check_reports_models_that_do_not_load(tmp_path):
         compare_models(ref, b"not a model", feeds)
     with pytest.raises(UsageError, match="the reference model does not run in onnxruntime, so it cannot be checked"):
         compare_models(b"not a model", ref, feeds)
+
+
+def test_run_check_holds_fp16_outputs_to_a_unit_in_the_last_place(tmp_path):
+    """An exact pass that skips one fp16 rounding differs by an ulp: within the fp16 floor, while the
+    same difference on a float32 output fails the default atol 1e-4."""
+    from onnx import TensorProto, helper
+
+    from onnxopt.compare import compare_models
+
+    def model(dtype, scale):
+        nodes = [helper.make_node("Mul", ["x", "s"], ["y"])]
+        s = helper.make_tensor("s", dtype, [1], [scale])
+        graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", dtype, [4])],
+                                  [helper.make_tensor_value_info("y", dtype, [4])], [s])
+        return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString()
+
+    x = np.array([0.5, 0.9, 1.0, 0.25])
+    one_ulp = 1 + 2.0**-10
+    half = compare_models(model(TensorProto.FLOAT16, 1.0), model(TensorProto.FLOAT16, one_ulp), [{"x": x.astype(np.float16)}])
+    assert half[0].passed and 0 < half[0].max_abs <= 1e-3
+    full = compare_models(model(TensorProto.FLOAT, 1.0), model(TensorProto.FLOAT, one_ulp), [{"x": x.astype(np.float32)}])
+    assert not full[0].passed
