@@ -186,6 +186,6 @@ def test_run_check_holds_fp16_outputs_to_a_unit_in_the_last_place(tmp_path):
     x = np.array([0.5, 0.9, 1.0, 0.25])
     one_ulp = 1 + 2.0**-9  # two fp16 ulps at 1.0: relative 2e-3 fails float32's rtol 1e-3
     half = compare_models(model(TensorProto.FLOAT16, 1.0), model(TensorProto.FLOAT16, one_ulp), [{"x": x.astype(np.float16)}])
-    assert half[0].passed and 0 < half[0].max_abs <= 1e-3
+    assert half[0].passed and 0 < half[0].max_abs <= 2e-3
     full = compare_models(model(TensorProto.FLOAT, 1.0), model(TensorProto.FLOAT, one_ulp), [{"x": x.astype(np.float32)}])
     assert not full[0].passed
