@@ -205,9 +205,10 @@ def validate_cmd(reference, candidate, data, shapes, ranges, batch, seed, sample
                  min_top1, topk, mean_pool, ep, threads, json_path, quiet):
     """Compare CANDIDATE's outputs with REFERENCE's on the same inputs; exit 1 if a bound fails."""
     spec = _input_spec(data, shapes, ranges, batch, seed, samples)
+    atols, rtols = _per_output("--atol", atol), _per_output("--rtol", rtol)
     settings = compare.Settings(
-        atol={"": 1e-4, **_per_output("--atol", atol)}, rtol={"": 1e-3, **_per_output("--rtol", rtol)},
-        topk=_per_output("--topk", topk, int), mean_pool=_mean_pools(mean_pool),
+        atol={"": 1e-4, **atols}, rtol={"": 1e-3, **rtols}, topk=_per_output("--topk", topk, int),
+        mean_pool=_mean_pools(mean_pool), explicit=frozenset(atols) | frozenset(rtols),
     )
     tables = {k: _per_output(f"--{k.replace('_', '-')}", v) for k, v in
               (("min_cosine", min_cosine), ("min_snr", min_snr), ("min_top1", min_top1))}

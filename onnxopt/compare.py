@@ -22,6 +22,11 @@ from onnxopt.errors import CheckFailed, OnnxoptError, UsageError, one_line
 # Absolute errors are counted in log-spaced bins: 40 a decade from 1e-12 to 1e6 (p99 within 6%).
 _EDGES = np.concatenate([[0.0], np.logspace(-12, 6, 18 * 40 + 1), [np.inf]])
 
+# The least (atol, rtol) an exact pass is held to on low-precision outputs: fusing two fp16 ops into
+# one skips a rounding in between, so equal math differs by a unit in the last place (fp16: 9.8e-4 at
+# 1.0, measured max abs 9.77e-4 / max rel 4.4e-3 on an fp16 Paddle classifier after fuse; bf16: 7.8e-3).
+LOW_PRECISION_TOLERANCE = {"tensor(float16)": (2e-3, 1e-2), "tensor(bfloat16)": (1.6e-2, 4e-2)}
+
 
 @dataclasses.dataclass
 class OutputComparison:
@@ -216,6 +221,7 @@ class Settings:
     rtol: dict[str, float] = dataclasses.field(default_factory=lambda: {"": 1e-3})
     topk: dict[str, int] = dataclasses.field(default_factory=dict)
     mean_pool: dict[str, str] = dataclasses.field(default_factory=dict)
+    explicit: frozenset[str] = frozenset()  # outputs whose tolerances the user set ('' for all): no floor
 
     def tolerances(self, name: str) -> tuple[float, float]:
         return self.atol.get(name, self.atol.get("", 0.0)), self.rtol.get(name, self.rtol.get("", 0.0))
@@ -229,6 +235,20 @@ class Settings:
     def prepare(self, name: str, value: np.ndarray, feeds: dict[str, np.ndarray]) -> np.ndarray:
         mask_name = self.mean_pool.get(name)
         return value if mask_name is None else masked_mean(value, feeds[mask_name])
+
+
+def low_precision_floors(settings: Settings, sess) -> Settings:
+    """``settings`` with fp16/bf16 outputs of the reference session ``sess`` held to at least
+    LOW_PRECISION_TOLERANCE, except where the user set their tolerances."""
+    if "" in settings.explicit:
+        return settings
+    atol, rtol = dict(settings.atol), dict(settings.rtol)
+    for output in sess.get_outputs():
+        floor = LOW_PRECISION_TOLERANCE.get(output.type)
+        if floor and output.name not in settings.explicit:
+            a, r = settings.tolerances(output.name)
+            atol[output.name], rtol[output.name] = max(a, floor[0]), max(r, floor[1])
+    return dataclasses.replace(settings, atol=atol, rtol=rtol)
 
 
 def _looks_like_scores(ref: np.ndarray) -> bool:
@@ -273,12 +293,6 @@ def _run(sess, feeds, error: type[OnnxoptError], what: str) -> dict[str, np.ndar
         raise error(f"{what} does not run in onnxruntime on these inputs ({one_line(e)})") from None
 
 
-# The least (atol, rtol) an exact pass is held to on low-precision outputs: fusing two fp16 ops into
-# one skips a rounding in between, so equal math differs by a unit in the last place (fp16: 9.8e-4 at
-# 1.0, measured max abs 9.77e-4 / max rel 4.4e-3 on an fp16 Paddle classifier after fuse; bf16: 7.8e-3).
-LOW_PRECISION_TOLERANCE = {"tensor(float16)": (2e-3, 1e-2), "tensor(bfloat16)": (1.6e-2, 4e-2)}
-
-
 def compare_models(reference, candidate, samples: Iterable[dict[str, np.ndarray]], *, atol: float = 1e-4,
                    rtol: float = 1e-3) -> list[OutputComparison]:
     """The check of ``onnxopt run``: both models on the CPU, each of ``samples``, Polygraphy tolerances."""
@@ -292,12 +306,7 @@ def compare_models(reference, candidate, samples: Iterable[dict[str, np.ndarray]
         cand_sess = runtime.session(candidate)
     except Exception as e:
         raise CheckFailed(f"the optimized model does not run in onnxruntime ({one_line(e)})") from None
-    atols, rtols = {"": atol}, {"": rtol}
-    for output in ref_sess.get_outputs():
-        floor = LOW_PRECISION_TOLERANCE.get(output.type)
-        if floor:
-            atols[output.name], rtols[output.name] = max(atol, floor[0]), max(rtol, floor[1])
-    return compare_sessions(ref_sess, cand_sess, samples, Settings(atols, rtols))
+    return compare_sessions(ref_sess, cand_sess, samples, low_precision_floors(Settings({"": atol}, {"": rtol}), ref_sess))
 
 
 def require_equivalent(results: list[OutputComparison], what: str) -> None:

@@ -113,6 +113,7 @@ def validate(
     ref_sess = _session(reference, ep, threads, UsageError, "the reference model")
     cand_sess = _session(candidate, ep, threads, CheckFailed, "the candidate model")
     notices: list[str] = []
+    settings = compare.low_precision_floors(settings, ref_sess)
     results = compare.compare_sessions(ref_sess, cand_sess, spec.batches(model, notices, reference), settings, on_batch)
     everyone = bounds.get("", Bounds())
     verdicts = [v for r in results for v in judge(r, everyone.merged(bounds.get(r.name, Bounds())), tolerance, settings)]
