@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 import onnx_ir as ir
 
-from onnxopt.passes._int4_algos import RANGE_FACTORS, gptq, hqq, rtn
-from onnxopt.passes._int4_calib import input_hessians
+from onnxopt.passes.wquant.algos import RANGE_FACTORS, gptq, hqq, rtn
+from onnxopt.passes.wquant.calib import input_hessians
 
 ROWS = 128
 

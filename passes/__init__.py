@@ -1,8 +1,9 @@
-"""The onnxopt pass library: ``from onnxopt.passes import Fold, Prune, Fuse, Quantize``."""
+"""The onnxopt pass library, one folder per pass, named as on the command line:
+``from onnxopt.passes import Fold, Prune, Fuse, Quantize``."""
 
-from .fold import Fold
-from .fuse import Fuse
-from .prune import Prune
-from .quant import Quantize
+from onnxopt.passes.fold import Fold
+from onnxopt.passes.fuse import Fuse
+from onnxopt.passes.prune import Prune
+from onnxopt.passes.quant import Quantize
 
 __all__ = ["Fold", "Fuse", "Prune", "Quantize"]

@@ -1,0 +1,37 @@
+"""Speed-aware quantization: candidate models timed side by side in onnxruntime (alternating rounds,
+as ``onnxopt bench`` does)."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+
+from onnxopt import bench, inputs, io
+from onnxopt.shapes import resolve
+
+from onnxopt.passes._calibrate import first_batch
+
+ITERS = 60
+ROWS = 1  # calibration samples per timed run: latency at batch 1
+SEQUENCE = 128  # a symbolic dim other than the first, when inputs are generated
+
+
+def tuning_feeds(model: ir.Model, calib: str, shapes: dict[str, list[int]]) -> tuple[dict[str, np.ndarray], str | None]:
+    """Calibration samples when there are any, else generated inputs of the user's ``shapes`` or, for
+    dims nobody gave, batch 1 and sizes that run the model, ``SEQUENCE`` first (a token or pixel count
+    int8 can pay off at; 1 would time only the overhead). Returns the feeds and a note on the shapes chosen."""
+    if calib and calib != "random":
+        return first_batch(model, calib, ROWS), None
+    chosen = resolve(model, shapes, prefer=SEQUENCE)
+    return inputs.generate(model, chosen.shapes)[0], chosen.note("tune=latency timed")
+
+
+def latencies(models: list[ir.Model], feeds: dict[str, np.ndarray]) -> list[float]:
+    """p50 milliseconds of each model on onnxruntime's CPU provider."""
+    with tempfile.TemporaryDirectory(prefix="onnxopt-tune-") as folder:
+        paths = [io.save(m, Path(folder, f"model{i}.onnx")) for i, m in enumerate(models)]
+        rows = bench.bench(paths, feeds, settings=bench.Settings(iters=ITERS, warmup=3))
+    return [row.stat("p50") for row in rows]

@@ -1,0 +1,1 @@
+"""The wquant pass: Weight-only low-bit quantization (4 and 8 bits)."""
