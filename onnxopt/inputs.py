@@ -46,7 +46,9 @@ def parse_ranges(specs: list[str] | tuple[str, ...]) -> dict[str, tuple[float, f
             if (eq and not name) or not lo <= hi:
                 raise ValueError
         except ValueError:
-            raise UsageError(f"bad --range {spec!r}: expected NAME=LO,HI (or LO,HI for every input) with LO <= HI") from None
+            raise UsageError(
+                f"bad --range {spec!r}: expected NAME=LO,HI (or LO,HI for every input) with LO <= HI"
+            ) from None
         ranges[name] = (lo, hi)
     return ranges
 
@@ -70,7 +72,9 @@ class InputSpec:
         for option, names in (("--shape", self.shapes), ("--range", set(self.ranges) - {""})):
             unknown = set(names) - known
             if unknown:
-                raise UsageError(f"{option} names no input of the model: {', '.join(sorted(unknown))}")
+                raise UsageError(
+                    f"{option} names no input of the model: {', '.join(sorted(unknown))}"
+                )
         return values
 
     def batches(self, model: ir.Model, notices: list[str], source=None) -> Iterator[Feeds]:
@@ -106,7 +110,11 @@ class InputSpec:
 def _rows_in_header(npz, name: str) -> int:
     with npz.zip.open(f"{name}.npy") as f:
         version = np.lib.format.read_magic(f)
-        read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        read = (
+            np.lib.format.read_array_header_1_0
+            if version == (1, 0)
+            else np.lib.format.read_array_header_2_0
+        )
         shape = read(f)[0]
     return shape[0] if shape else 1
 
@@ -115,7 +123,9 @@ def first_batch(spec: InputSpec, model: ir.Model, notices: list[str], source=Non
     return next(iter(spec.batches(model, notices, source)))
 
 
-def input_shape(value: ir.Value, shapes: dict[str, list[int]], notices: list[str], batch: int | None = None) -> list[int]:
+def input_shape(
+    value: ir.Value, shapes: dict[str, list[int]], notices: list[str], batch: int | None = None
+) -> list[int]:
     """The shape to generate: ``shapes`` first, else the model's with a symbolic first dim set to
     ``batch`` and other symbolic dims set to 1 (noted)."""
     if value.name in shapes:
@@ -126,8 +136,11 @@ def input_shape(value: ir.Value, shapes: dict[str, list[int]], notices: list[str
     dims = [1 if dyn else d for d, dyn in zip(value.shape, dynamic)]
     if batch and dims and dynamic[0]:
         dims[0] = batch
-    symbolic = [str(getattr(d, "value", None) or d if not isinstance(d, int) else d) for i, d in enumerate(value.shape)
-                if dynamic[i] and not (batch and i == 0)]
+    symbolic = [
+        str(getattr(d, "value", None) or d if not isinstance(d, int) else d)
+        for i, d in enumerate(value.shape)
+        if dynamic[i] and not (batch and i == 0)
+    ]
     if symbolic:
         notices.append(
             f"input {value.name}: {', '.join(symbolic)} set to 1 (shape {dims}); choose with --shape {value.name}=..."
@@ -135,8 +148,13 @@ def input_shape(value: ir.Value, shapes: dict[str, list[int]], notices: list[str
     return dims
 
 
-def generate(model: ir.Model, shapes: dict[str, list[int]] | None = None, seed: int = 0,
-             ranges: dict[str, tuple[float, float]] | None = None, batch: int | None = None):
+def generate(
+    model: ir.Model,
+    shapes: dict[str, list[int]] | None = None,
+    seed: int = 0,
+    ranges: dict[str, tuple[float, float]] | None = None,
+    batch: int | None = None,
+):
     """Inputs for every graph input that is not an initializer: ``(feeds, notices)``.
 
     Floats are drawn in [0, 1) and integers in {0, 1} unless ``ranges`` says otherwise (integers
@@ -158,7 +176,11 @@ def generate(model: ir.Model, shapes: dict[str, list[int]] | None = None, seed: 
 def _random(rng: np.random.Generator, value: ir.Value, dims: list[int], lo, hi) -> np.ndarray:
     dtype = value.dtype
     if dtype == ir.DataType.BOOL:
-        return np.zeros(dims, dtype=bool) if lo is None else rng.integers(int(lo), int(hi) + 1, size=dims).astype(bool)
+        return (
+            np.zeros(dims, dtype=bool)
+            if lo is None
+            else rng.integers(int(lo), int(hi) + 1, size=dims).astype(bool)
+        )
     if dtype.is_floating_point():
         lo, hi = (0.0, 1.0) if lo is None else (lo, hi)
         return (lo + (hi - lo) * rng.random(dims, dtype=np.float64)).astype(dtype.numpy())
@@ -186,7 +208,9 @@ def _open_npz(path: Path, label: str):
     try:
         return np.load(path, allow_pickle=False)
     except Exception as e:
-        raise UsageError(f"{label.format(path=path)}: not a readable .npz file ({type(e).__name__})") from None
+        raise UsageError(
+            f"{label.format(path=path)}: not a readable .npz file ({type(e).__name__})"
+        ) from None
 
 
 def load_batches(spec: InputSpec, model: ir.Model, notices: list[str]) -> Iterator[Feeds]:
@@ -196,7 +220,10 @@ def load_batches(spec: InputSpec, model: ir.Model, notices: list[str]) -> Iterat
         with _open_npz(path, spec.label) as npz:
             missing = [v.name for v in values if v.name not in npz.files]
             if missing:
-                raise UsageError(f"{spec.label.format(path=path)}: no array for input {', '.join(missing)} (it has {', '.join(npz.files)})")
+                where, found = spec.label.format(path=path), ", ".join(npz.files)
+                raise UsageError(
+                    f"{where}: no array for input {', '.join(missing)} (it has {found})"
+                )
             arrays = {v.name: _conform(path, spec.label, v, npz[v.name], notices) for v in values}
         for feeds, rows in _split(spec.label.format(path=path), values, arrays, spec.batch):
             if remaining <= 0:
@@ -208,14 +235,18 @@ def load_batches(spec: InputSpec, model: ir.Model, notices: list[str]) -> Iterat
             yield feeds
 
 
-def _conform(path: Path, label: str, value: ir.Value, array: np.ndarray, notices: list[str]) -> np.ndarray:
+def _conform(
+    path: Path, label: str, value: ir.Value, array: np.ndarray, notices: list[str]
+) -> np.ndarray:
     """Cast to the input's element type where every value survives; refuse otherwise."""
     want = value.dtype.numpy()
     if array.dtype == want:
         return array
     cast = array.astype(want)
     if not np.array_equal(cast.astype(array.dtype), array):
-        raise UsageError(f"{label.format(path=path)}: {value.name} holds {array.dtype} values that {want} cannot represent")
+        raise UsageError(
+            f"{label.format(path=path)}: {value.name} holds {array.dtype} values that {want} cannot represent"
+        )
     note = f"{value.name}: {array.dtype} values in {path.name} cast to {want}"
     if note not in notices:
         notices.append(note)
@@ -235,7 +266,9 @@ def _split(where: str, values: list[ir.Value], arrays: dict[str, np.ndarray], ba
             if not a.ndim:
                 raise UsageError(f"{where}: {v.name} is a scalar; give it a sample axis")
         else:
-            raise UsageError(f"{where}: {v.name} has rank {a.ndim}; the input has rank {rank} (or {rank + 1} with a sample axis)")
+            raise UsageError(
+                f"{where}: {v.name} has rank {a.ndim}; the input has rank {rank} (or {rank + 1} with a sample axis)"
+            )
         rows.add(a.shape[0])
     if len(rows) > 1:
         raise UsageError(f"{where}: the arrays hold different numbers of samples ({sorted(rows)})")
@@ -250,15 +283,21 @@ def _split(where: str, values: list[ir.Value], arrays: dict[str, np.ndarray], ba
     for start in itertools.count(0, step):
         if start >= n:
             return
-        yield {k: a[start:start + step] for k, a in arrays.items()}, min(step, n - start)
+        yield {k: a[start : start + step] for k, a in arrays.items()}, min(step, n - start)
 
 
 def _chunk(where: str, values: list[ir.Value], batch: int | None, n: int) -> int:
     """Rows per run: a fixed batch dim wins; otherwise ``batch`` (default 1)."""
-    fixed = {v.shape[0] for v in values if v.shape is not None and len(v.shape) and not shape_resolver.is_dynamic(v.shape[0])}
+    fixed = {
+        v.shape[0]
+        for v in values
+        if v.shape is not None and len(v.shape) and not shape_resolver.is_dynamic(v.shape[0])
+    }
     if fixed:
         size = fixed.pop()
         if n % size:
-            raise UsageError(f"{where}: {n} samples do not fill whole batches of the model's fixed batch size {size}")
+            raise UsageError(
+                f"{where}: {n} samples do not fill whole batches of the model's fixed batch size {size}"
+            )
         return size
     return max(1, batch or 1)

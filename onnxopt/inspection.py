@@ -48,7 +48,10 @@ def describe(model: ir.Model, path: str | os.PathLike | None = None) -> dict:
         "opsets": dict(sorted(model.opset_imports.items())),
         "producer": " ".join(filter(None, [model.producer_name, model.producer_version])),
         "inputs": interface,
-        "outputs": [{"name": v.name, "dtype": v.dtype.name if v.dtype else None, "dims": dims_text(v)} for v in graph.outputs],
+        "outputs": [
+            {"name": v.name, "dtype": v.dtype.name if v.dtype else None, "dims": dims_text(v)}
+            for v in graph.outputs
+        ],
         "nodes": stats.nodes,
         "ops": dict(sorted(stats.ops.items(), key=lambda kv: (-kv[1], kv[0]))),
         "params": stats.params,

@@ -70,7 +70,9 @@ def check_output_path(output: str | os.PathLike, input: str | os.PathLike) -> No
     data = out.with_name(out.name + ".data")
     for p in (out, data):
         if p in protected:
-            raise UsageError(f"{output}: refusing to write over the input model or its data ({p.name})")
+            raise UsageError(
+                f"{output}: refusing to write over the input model or its data ({p.name})"
+            )
     if out.is_dir():
         raise UsageError(f"{output}: is a directory")
     if not out.parent.is_dir():
@@ -87,7 +89,9 @@ def staged_save(model: ir.Model, path: str | os.PathLike, *, external_data: bool
     """
     path = Path(path)
     if external_data is None:
-        external_data = tensor_bytes(model) > PROTO_LIMIT_BYTES or any(True for _ in external_tensors(model))
+        external_data = tensor_bytes(model) > PROTO_LIMIT_BYTES or any(
+            True for _ in external_tensors(model)
+        )
     data_name = path.name + ".data"
     with tempfile.TemporaryDirectory(dir=path.parent, prefix=".onnxopt-") as tmp:
         staged = Path(tmp) / path.name
@@ -124,6 +128,7 @@ def write_text(path: str | os.PathLike, text: str) -> None:
 
 def to_json(data) -> str:
     """Strict JSON: infinities and NaNs (an exact match's SNR, say) become the strings "inf", "-inf", "nan"."""
+
     def clean(x):
         if isinstance(x, float) and not math.isfinite(x):
             return str(x)

@@ -1,30 +1,73 @@
-"""The base class of every onnxopt pass: onnx-ir's in-place pass plus a name, a summary and typed options.
+"""The base class of every onnxopt pass: onnx-ir's in-place pass plus a name, a summary and declared
+options, and the result a pass returns.
 
 A pass class is both faces of the same object: ``Fold(size_limit=10)`` in Python and
-``fold(size_limit=10)`` on the command line build the same thing.
+``fold(size_limit=10)`` on the command line build the same thing, checked by the same declarations.
+A pass returns what it found (an ``Outcome``: notes, per-layer rows in the columns it declares, the
+fidelity budget of a lossy pass) instead of keeping it on itself; what a run knows that a pass may
+need (the user's input shapes and samples) comes from ``run_context()``.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any, ClassVar
 
 import onnx_ir as ir
 
 from onnxopt.errors import UsageError
 
+LIST_SEPARATOR = ";"  # between the items of a list option on the command line: not regex syntax
+
 
 @dataclasses.dataclass(frozen=True)
 class Option:
+    """A declared option: its type and default, and what values it takes.
+
+    ``choices`` lists the allowed values; ``low``/``high`` bound a number (inclusive); ``many``
+    makes it a list (a Python list, or items separated by ``;`` on the command line, a value in
+    quotes when it holds a comma or a parenthesis); ``only_with`` names other options' values it
+    applies with, e.g. ``{"mode": ("static",)}``: setting it otherwise is a usage error.
+    """
+
     name: str
     type: type
     default: Any
     help: str
+    choices: tuple = ()
+    low: float | None = None
+    high: float | None = None
+    many: bool = False
+    only_with: Mapping[str, tuple] = dataclasses.field(default_factory=dict)
 
     def convert(self, value: Any, pass_name: str) -> Any:
-        """Convert a Python value or a CLI string to the option's type."""
+        """A Python value or a CLI string as the option's type, checked against its declaration."""
+        if self.many:
+            items = value.split(LIST_SEPARATOR) if isinstance(value, str) else list(value)
+            return [self._one(item, pass_name) for item in items if str(item).strip()]
+        return self._one(value, pass_name)
+
+    def _one(self, value: Any, pass_name: str) -> Any:
+        converted = self._typed(value, pass_name)
+        where = f"pass {pass_name}: option {self.name}"
+        if self.choices and converted not in self.choices:
+            choices = ", ".join(map(str, self.choices))
+            raise UsageError(f"{where} takes one of {choices}, got {value!r}")
+        if (
+            self.low is not None
+            and converted < self.low
+            or self.high is not None
+            and converted > self.high
+        ):
+            raise UsageError(f"{where} must be within {self.bounds()}, got {value!r}")
+        return converted
+
+    def _typed(self, value: Any, pass_name: str) -> Any:
         if isinstance(value, self.type) and not (self.type is int and isinstance(value, bool)):
-            return value
+            return value.strip() if isinstance(value, str) else value
         text = str(value).strip()
         try:
             if self.type is bool:
@@ -42,7 +85,81 @@ class Option:
                 return text
         except ValueError:
             pass
-        raise UsageError(f"pass {pass_name}: option {self.name} takes {self.type.__name__}, got {value!r}")
+        raise UsageError(
+            f"pass {pass_name}: option {self.name} takes {self.type.__name__}, got {value!r}"
+        )
+
+    def bounds(self) -> str:
+        low = "-inf" if self.low is None else f"{self.low:g}"
+        return f"[{low}, {'inf' if self.high is None else f'{self.high:g}'}]"
+
+    def describe(self) -> str:
+        """One line for ``onnxopt passes NAME``: type, default, allowed values, constraints, help."""
+        kind = (
+            f"list of {self.type.__name__} (separated by {LIST_SEPARATOR})"
+            if self.many
+            else self.type.__name__
+        )
+        parts = [f"{self.name}: {kind} = {self.default!r}"]
+        if self.choices:
+            parts.append("one of " + "|".join(map(str, self.choices)))
+        if self.low is not None or self.high is not None:
+            parts.append(f"in {self.bounds()}")
+        if self.only_with:
+            parts.append(
+                "only with "
+                + ", ".join(f"{k}={'|'.join(map(str, v))}" for k, v in self.only_with.items())
+            )
+        return f"{'  '.join(parts)}  {self.help}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Column:
+    """A column of a pass's per-layer report rows: the row key, its header, and a format spec for
+    the value (or a function that renders the whole row, for cells made of several keys)."""
+
+    key: str
+    header: str
+    format: str | Callable[[dict], str] = ""
+
+
+@dataclasses.dataclass
+class Outcome(ir.passes.PassResult):
+    """What a pass did and found. ``rows`` hold one dict per layer keyed by the pass's ``columns``
+    (a row's ``output`` names the value the layer computes, for the per-layer SQNR of reports);
+    ``fidelity`` is a lossy pass's budget: the least output cosine the check must hold."""
+
+    notes: list[str] = dataclasses.field(default_factory=list)
+    rows: list[dict] = dataclasses.field(default_factory=list)
+    fidelity: float | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class RunContext:
+    """What the run knows that passes which run the model may use: the user's input shapes (whole
+    shapes by input name) and real samples (a list of feeds), when given."""
+
+    shapes: Mapping[str, list[int]] = dataclasses.field(default_factory=dict)
+    samples: tuple = ()
+
+
+_CONTEXT: contextvars.ContextVar[RunContext | None] = contextvars.ContextVar(
+    "onnxopt_run_context", default=None
+)
+
+
+def run_context() -> RunContext:
+    """The context of the run in progress (empty outside one)."""
+    return _CONTEXT.get() or RunContext()
+
+
+@contextlib.contextmanager
+def using(context: RunContext) -> Iterator[RunContext]:
+    token = _CONTEXT.set(context)
+    try:
+        yield context
+    finally:
+        _CONTEXT.reset(token)
 
 
 _REGISTRY: dict[str, type[OptPass]] = {}
@@ -51,18 +168,18 @@ _REGISTRY: dict[str, type[OptPass]] = {}
 class OptPass(ir.passes.InPlacePass):
     """An onnxopt pass.
 
-    Subclasses set ``name``, ``summary`` and ``options``, and implement ``call(model)``.
-    ``exact`` passes must keep outputs numerically equal; ``fixed_point`` passes are run
-    together in rounds until none of them changes the model.
+    Subclasses set ``name``, ``summary`` and ``options`` (and ``columns`` when they report layers),
+    and implement ``call(model)``, returning an ``Outcome``. ``exact`` passes must keep outputs
+    numerically equal; ``fixed_point`` passes are run together in rounds until none of them
+    changes the model.
     """
 
     name: ClassVar[str] = ""
     summary: ClassVar[str] = ""
     options: ClassVar[tuple[Option, ...]] = ()
+    columns: ClassVar[tuple[Column, ...]] = ()
     exact: ClassVar[bool] = True
     fixed_point: ClassVar[bool] = False
-    # Input shapes the user gave for example inputs (the CLI's --shape), for passes that run the model.
-    example_shapes: dict[str, list[int]] = {}
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -76,27 +193,25 @@ class OptPass(ir.passes.InPlacePass):
             if key not in known:
                 choices = ", ".join(known) or "none"
                 raise UsageError(f"pass {self.name}: unknown option {key!r} (options: {choices})")
+        self.given = frozenset(
+            values
+        )  # the options the user set, for options whose default depends on others
         for option in self.options:
             value = values.get(option.name, option.default)
-            setattr(self, option.name, option.convert(value, self.name) if option.name in values else value)
+            setattr(
+                self,
+                option.name,
+                option.convert(value, self.name) if option.name in values else value,
+            )
+        for name in self.given:
+            for other, allowed in known[name].only_with.items():
+                if getattr(self, other) not in allowed:
+                    wanted = "|".join(map(str, allowed))
+                    raise UsageError(f"pass {self.name}: {name} applies only with {other}={wanted}")
 
     @classmethod
     def details(cls) -> list[str]:
         """Extra lines for ``onnxopt passes NAME`` (the rules of a pass made of rules, say)."""
-        return []
-
-    def notes(self) -> list[str]:
-        """What the last run decided that a user should know (shown after the run, kept in the report)."""
-        return []
-
-    def fidelity(self) -> float | None:
-        """For a lossy pass, the least output cosine its result may have against its input."""
-        return None
-
-    def layers(self, model: ir.Model) -> list[dict]:
-        """Per-layer description of what the last run did to ``model`` (the pass's output), for reports:
-        one JSON-ready dict per layer. A row's ``output`` names the value the layer computes; where the
-        input model has a value of that name, ``onnxopt run --report`` adds the row's ``sqnr_db``."""
         return []
 
     @classmethod
@@ -109,11 +224,17 @@ class OptPass(ir.passes.InPlacePass):
 
     def __repr__(self) -> str:
         changed = {k: v for k, v in self.settings().items() if v != self._default(k)}
-        args = ",".join(f"{k}={v}" for k, v in changed.items())
+        args = ",".join(f"{k}={_shown(v)}" for k, v in changed.items())
         return f"{self.name}({args})" if args else self.name
 
     def _default(self, key: str) -> Any:
-        return next(o.default for o in self.options if o.name == key)
+        option = next(o for o in self.options if o.name == key)
+        return option.convert(option.default, self.name) if option.many else option.default
+
+
+def _shown(value: Any) -> str:
+    text = LIST_SEPARATOR.join(map(str, value)) if isinstance(value, list) else str(value)
+    return repr(text) if any(c in text for c in ",()") else text
 
 
 def registry() -> dict[str, type[OptPass]]:
@@ -130,40 +251,54 @@ def get_pass(name: str) -> type[OptPass]:
     return passes[name]
 
 
-def parse_pass_list(spec: str) -> list[OptPass]:
-    """Parse ``'fold(size_limit=1024),prune'`` into pass objects."""
-    passes, depth, start = [], 0, 0
-    for i, ch in enumerate(spec + ","):
-        if ch == "(":
+def _split_top(text: str, what: str) -> list[str]:
+    """``text`` split at commas outside parentheses and quotes."""
+    items, depth, quote, start = [], 0, "", 0
+    for i, ch in enumerate(text + ","):
+        if quote:
+            quote = "" if ch == quote else quote
+        elif ch in "'\"":
+            quote = ch
+        elif ch == "(":
             depth += 1
         elif ch == ")":
             depth -= 1
             if depth < 0:
-                raise UsageError(f"bad pass list {spec!r}: unbalanced ')'")
+                raise UsageError(f"bad {what} {text!r}: unbalanced ')'")
         elif ch == "," and depth == 0:
-            item = spec[start:i].strip()
+            items.append(text[start:i].strip())
             start = i + 1
-            if item:
-                passes.append(parse_pass(item))
     if depth:
-        raise UsageError(f"bad pass list {spec!r}: unbalanced '('")
+        raise UsageError(f"bad {what} {text!r}: unbalanced '('")
+    if quote:
+        raise UsageError(f"bad {what} {text!r}: unclosed quote")
+    return [item for item in items if item]
+
+
+def parse_pass_list(spec: str) -> list[OptPass]:
+    """Parse ``'fold(size_limit=1024),prune'`` into pass objects."""
+    passes = [parse_pass(item) for item in _split_top(spec, "pass list")]
     if not passes:
         raise UsageError("no passes given")
     return passes
 
 
 def parse_pass(item: str) -> OptPass:
+    """``name(key=value,...)``; a value in quotes may hold commas and parentheses (a path, a regex)."""
     name, _, rest = item.partition("(")
     name = name.strip()
     values = {}
     if rest:
         if not rest.endswith(")"):
             raise UsageError(f"bad pass {item!r}: expected name(key=value,...)")
-        for pair in filter(None, (p.strip() for p in rest[:-1].split(","))):
+        for pair in _split_top(rest[:-1], f"pass {name}"):
             key, eq, value = pair.partition("=")
             if not eq or not key.strip():
                 raise UsageError(f"bad option {pair!r} in pass {name}: expected key=value")
-            values[key.strip()] = value.strip()
+            value = value.strip()
+            if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+                value = value[1:-1]
+            values[key.strip()] = value
     return get_pass(name)(**values)
 
 

@@ -11,7 +11,7 @@ import onnx_ir as ir
 
 from onnxopt import io
 from onnxopt.errors import CheckFailed, InternalError, OnnxoptError
-from onnxopt.passbase import OptPass, as_pass
+from onnxopt.passbase import OptPass, Outcome, RunContext, as_pass, using
 from onnxopt.stats import Stats
 
 MAX_ROUNDS = 8
@@ -26,13 +26,23 @@ class PassRecord:
     rounds: int = 0
     delta: dict[str, int] = dataclasses.field(default_factory=dict)
     notes: list[str] = dataclasses.field(default_factory=list)
+    rows: list[dict] = dataclasses.field(
+        default_factory=list
+    )  # per layer, the pass's declared columns
+    fidelity: float | None = None  # a lossy pass's budget: the least output cosine the check holds
 
-    def add(self, seconds: float, modified: bool, delta: dict[str, int]) -> None:
+    def add(self, seconds: float, result: ir.passes.PassResult, delta: dict[str, int]) -> None:
         self.seconds += seconds
-        self.modified |= modified
+        self.modified |= result.modified
         self.rounds += 1
         for key, value in delta.items():
             self.delta[key] = self.delta.get(key, 0) + value
+        if isinstance(
+            result, Outcome
+        ):  # the last run's findings stand (a fixed point repeats a pass)
+            self.notes = result.notes or self.notes
+            self.rows = result.rows or self.rows
+            self.fidelity = result.fidelity if result.fidelity is not None else self.fidelity
 
 
 @dataclasses.dataclass
@@ -50,7 +60,10 @@ def signature(model: ir.Model) -> list[tuple]:
     """Names, types and ranks of the graph's inputs and outputs."""
     graph = model.graph
     inputs = [v for v in graph.inputs if v.name not in graph.initializers]
-    return [(v.name, v.type, None if v.shape is None else len(v.shape)) for v in [*inputs, *graph.outputs]]
+    return [
+        (v.name, v.type, None if v.shape is None else len(v.shape))
+        for v in [*inputs, *graph.outputs]
+    ]
 
 
 def same_interface(before: list[tuple], after: list[tuple]) -> bool:
@@ -78,11 +91,18 @@ def run(
     *,
     max_rounds: int = MAX_ROUNDS,
     on_pass: Callable[[OptPass], None] | None = None,
+    context: RunContext | None = None,
 ) -> tuple[ir.Model, RunReport]:
-    """Run ``passes`` (objects or names such as ``"fold(size_limit=1024)"``) on ``model`` in place.
+    """Run ``passes`` (objects or names such as ``"fold(size_limit=1024)"``) on ``model`` in place,
+    unchecked (``onnxopt.optimize`` checks). ``context`` is what passes read with ``run_context()``.
 
-    Returns the optimized model and a report of the time and the changes of every pass.
+    Returns the optimized model and a report of the time, the changes and the findings of every pass.
     """
+    with using(context or RunContext()):
+        return _run(model, passes, max_rounds, on_pass)
+
+
+def _run(model, passes, max_rounds, on_pass) -> tuple[ir.Model, RunReport]:
     passes = [as_pass(p) for p in passes]
     if not isinstance(model, ir.Model):
         model = io.load(model)
@@ -102,15 +122,16 @@ def run(
             if on_pass:
                 on_pass(p)
             t = time.perf_counter()
-            modified = _apply(p, model)
+            result = _apply(p, model)
             seconds = time.perf_counter() - t
             after = Stats.of(model)
-            records[id(p)].add(seconds, modified, current.delta(after))
-            records[id(p)].notes = p.notes() or records[id(p)].notes
+            records[id(p)].add(seconds, result, current.delta(after))
             current = after
             if not same_interface(expected, signature(model)):
-                raise CheckFailed(f"pass {p!r} changed the model's inputs or outputs; refusing its result")
-            quiet = 0 if modified else quiet + 1
+                raise CheckFailed(
+                    f"pass {p!r} changed the model's inputs or outputs; refusing its result"
+                )
+            quiet = 0 if result.modified else quiet + 1
             if quiet >= settled and step + 1 >= len(group):
                 break
     _drop_inferred_shapes(model, annotated)
@@ -142,9 +163,9 @@ def _drop_inferred_shapes(model: ir.Model, annotated: set[str]) -> None:
             value.type = None
 
 
-def _apply(p: OptPass, model: ir.Model) -> bool:
+def _apply(p: OptPass, model: ir.Model) -> ir.passes.PassResult:
     try:
-        return p(model).modified
+        return p(model)
     except OnnxoptError:
         raise
     except Exception as e:  # onnx-ir's pass machinery wraps the pass's own exception

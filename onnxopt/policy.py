@@ -1,34 +1,34 @@
 """Gate policies: goals for a candidate model, resolved against its reference, read from TOML.
 
-    [inputs]                      # optional: what the models run on (default: generated)
-    data = "samples.npz"          # an .npz file or a folder of them, relative to this file
-    shape = { input_ids = [1, 64] }
-    range = { images = [0, 1] }
-    batch = 8                     # samples per run
-    samples = 256                 # at most this many samples
-    seed = 0
+[inputs]                      # optional: what the models run on (default: generated)
+data = "samples.npz"          # an .npz file or a folder of them, relative to this file
+shape = { input_ids = [1, 64] }
+range = { images = [0, 1] }
+batch = 8                     # samples per run
+samples = 256                 # at most this many samples
+seed = 0
 
-    [bench]                       # optional: how latency is timed
-    iters = 100                   # or seconds = 10
-    warmup = 5
-    threads = 2
+[bench]                       # optional: how latency is timed
+iters = 100                   # or seconds = 10
+warmup = 5
+threads = 2
 
-    [accuracy]                    # goals for every output ...
-    min_cosine = 0.999            # mean cosine over samples
-    max_abs_error = 0.05
-    min_snr = 30                  # dB
-    min_top1 = 0.99               # class-score outputs ([batch, classes], or with topk = K)
-    [accuracy.outputs.logits]     # ... and for one output (overrides; also topk, mean_pool)
-    min_top1 = 0.995
+[accuracy]                    # goals for every output ...
+min_cosine = 0.999            # mean cosine over samples
+max_abs_error = 0.05
+min_snr = 30                  # dB
+min_top1 = 0.99               # class-score outputs ([batch, classes], or with topk = K)
+[accuracy.outputs.logits]     # ... and for one output (overrides; also topk, mean_pool)
+min_top1 = 0.995
 
-    [latency.cpu]                 # goals per execution provider (cpu, cuda)
-    percentile = "p50"            # mean, p50, p90 or p99
-    min_speedup = 1.5             # reference time / candidate time
-    max_regression_pct = 5        # candidate at most 5% slower
+[latency.cpu]                 # goals per execution provider (cpu, cuda)
+percentile = "p50"            # mean, p50, p90 or p99
+min_speedup = 1.5             # reference time / candidate time
+max_regression_pct = 5        # candidate at most 5% slower
 
-    [size]
-    max_mb = 25                   # candidate file size, external data included (MB = 10^6 bytes)
-    min_reduction_pct = 50
+[size]
+max_mb = 25                   # candidate file size, external data included (MB = 10^6 bytes)
+min_reduction_pct = 50
 """
 
 from __future__ import annotations
@@ -100,16 +100,30 @@ class _Reader:
             if name not in names:
                 self.fail(self.key(name), f"unknown key (expected one of: {', '.join(names)})")
 
-    def number(self, name: str, *, integer: bool = False, low: float | None = None, high: float | None = None):
+    def number(
+        self,
+        name: str,
+        *,
+        integer: bool = False,
+        low: float | None = None,
+        high: float | None = None,
+    ):
         if name not in self.table:
             return None
         value = self.table[name]
         ok = isinstance(value, int) if integer else isinstance(value, (int, float))
         if not ok or isinstance(value, bool):
-            self.fail(self.key(name), f"must be {'an integer' if integer else 'a number'}, got {value!r}")
+            self.fail(
+                self.key(name), f"must be {'an integer' if integer else 'a number'}, got {value!r}"
+            )
         if (low is not None and value < low) or (high is not None and value > high):
-            bounds = (f"in [{low:g}, {high:g}]" if low is not None and high is not None
-                      else f">= {low:g}" if low is not None else f"<= {high:g}")
+            bounds = (
+                f"in [{low:g}, {high:g}]"
+                if low is not None and high is not None
+                else f">= {low:g}"
+                if low is not None
+                else f"<= {high:g}"
+            )
             self.fail(self.key(name), f"must be {bounds}, got {value!r}")
         return value
 
@@ -118,7 +132,10 @@ class _Reader:
             return None
         value = self.table[name]
         if not isinstance(value, str) or (choices and value not in choices):
-            self.fail(self.key(name), f"must be {' or '.join(map(repr, choices)) if choices else 'a string'}, got {value!r}")
+            self.fail(
+                self.key(name),
+                f"must be {' or '.join(map(repr, choices)) if choices else 'a string'}, got {value!r}",
+            )
         return value
 
     def sub(self, name: str) -> _Reader:
@@ -141,8 +158,15 @@ def load(path: str | Path) -> Policy:
 def parse(data: dict, source: str = "policy", base: Path = Path(".")) -> Policy:
     root = _Reader(source, data, "")
     root.allow("inputs", "bench", "accuracy", "latency", "size")
-    policy = Policy(source, _inputs(root.sub("inputs"), base), _bench(root.sub("bench")), Settings(), {},
-                    [], SizeGoal())
+    policy = Policy(
+        source,
+        _inputs(root.sub("inputs"), base),
+        _bench(root.sub("bench")),
+        Settings(),
+        {},
+        [],
+        SizeGoal(),
+    )
     _accuracy(root.sub("accuracy"), policy)
     latency = root.sub("latency")
     latency.allow(*PROVIDERS)
@@ -160,18 +184,27 @@ def _inputs(r: _Reader, base: Path) -> InputSpec:
     data = r.text("data")
     shapes = {}
     for name, dims in r.sub("shape").table.items():
-        if not isinstance(dims, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in dims):
+        if not isinstance(dims, list) or not all(
+            isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in dims
+        ):
             r.fail(f"inputs.shape.{name}", f"must be a list of positive integers, got {dims!r}")
         shapes[name] = dims
     ranges = {}
     for name, bounds in r.sub("range").table.items():
-        if (not isinstance(bounds, list) or len(bounds) != 2
-                or not all(isinstance(b, (int, float)) and not isinstance(b, bool) for b in bounds) or bounds[0] > bounds[1]):
+        if (
+            not isinstance(bounds, list)
+            or len(bounds) != 2
+            or not all(isinstance(b, (int, float)) and not isinstance(b, bool) for b in bounds)
+            or bounds[0] > bounds[1]
+        ):
             r.fail(f"inputs.range.{name}", f"must be [low, high] with low <= high, got {bounds!r}")
         ranges[name] = (float(bounds[0]), float(bounds[1]))
     return InputSpec(
-        data=None if data is None else base / data, shapes=shapes, ranges=ranges,
-        batch=r.number("batch", integer=True, low=1), samples=r.number("samples", integer=True, low=1),
+        data=None if data is None else base / data,
+        shapes=shapes,
+        ranges=ranges,
+        batch=r.number("batch", integer=True, low=1),
+        samples=r.number("samples", integer=True, low=1),
         seed=r.number("seed", integer=True, low=0) or 0,
     )
 
@@ -182,8 +215,10 @@ def _bench(r: _Reader) -> bench.Settings:
         r.fail("bench", "set iters or seconds, not both")
     warmup = r.number("warmup", integer=True, low=0)
     return bench.Settings(
-        iters=r.number("iters", integer=True, low=1), seconds=r.number("seconds", low=0),
-        warmup=5 if warmup is None else warmup, threads=r.number("threads", integer=True, low=0) or 0,
+        iters=r.number("iters", integer=True, low=1),
+        seconds=r.number("seconds", low=0),
+        warmup=5 if warmup is None else warmup,
+        threads=r.number("threads", integer=True, low=0) or 0,
     )
 
 
@@ -191,7 +226,12 @@ _BOUND_KEYS = ("min_cosine", "min_snr", "min_top1", "max_abs_error")
 
 
 def _bounds(r: _Reader) -> Bounds:
-    limits = {"min_cosine": (-1, 1), "min_top1": (0, 1), "max_abs_error": (0, None), "min_snr": (None, None)}
+    limits = {
+        "min_cosine": (-1, 1),
+        "min_top1": (0, 1),
+        "max_abs_error": (0, None),
+        "min_snr": (None, None),
+    }
     return Bounds(**{k: r.number(k, low=limits[k][0], high=limits[k][1]) for k in _BOUND_KEYS})
 
 
@@ -213,8 +253,10 @@ def _accuracy(r: _Reader, policy: Policy) -> None:
 def _latency(r: _Reader, ep: str) -> LatencyGoal:
     r.allow("percentile", "min_speedup", "max_regression_pct")
     goal = LatencyGoal(
-        ep, r.text("percentile", bench.STATS) or "p50",
-        r.number("min_speedup", low=0), r.number("max_regression_pct"),
+        ep,
+        r.text("percentile", bench.STATS) or "p50",
+        r.number("min_speedup", low=0),
+        r.number("max_regression_pct"),
     )
     if goal.min_speedup is None and goal.max_regression_pct is None:
         r.fail(r.where, "sets no goal (min_speedup or max_regression_pct)")

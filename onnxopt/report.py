@@ -11,6 +11,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from onnxopt.compare import OutputComparison
+from onnxopt.passbase import Column
 from onnxopt.pipeline import RunReport
 
 if TYPE_CHECKING:
@@ -40,7 +41,9 @@ def _delta(before: float, after: float, fmt=human_count) -> str:
     return f"{sign}{fmt(abs(change))}{pct}"
 
 
-def run_tables(report: RunReport, size_before: int | None = None, size_after: int | None = None) -> list[Table]:
+def run_tables(
+    report: RunReport, size_before: int | None = None, size_after: int | None = None
+) -> list[Table]:
     b, a = report.before, report.after
     summary = Table(title="model", title_justify="left")
     for col in ("", "before", "after", "change"):
@@ -70,9 +73,13 @@ def run_tables(report: RunReport, size_before: int | None = None, size_after: in
     for rec in report.passes:
         d = rec.delta
         passes.add_row(
-            rec.name, str(rec.rounds), f"{rec.seconds:.3f} s",
-            _signed(d.get("nodes", 0)), _signed(d.get("initializers", 0)),
-            _signed(d.get("params", 0)), _signed(d.get("tensor_bytes", 0), human_bytes),
+            rec.name,
+            str(rec.rounds),
+            f"{rec.seconds:.3f} s",
+            _signed(d.get("nodes", 0)),
+            _signed(d.get("initializers", 0)),
+            _signed(d.get("params", 0)),
+            _signed(d.get("tensor_bytes", 0), human_bytes),
         )
     return [summary, ops, passes]
 
@@ -86,7 +93,14 @@ def comparison_table(results: list[OutputComparison], title: str) -> Table:
     for col in ("output", "max abs", "max rel", "cosine", "result"):
         table.add_column(col, justify="left" if col in ("output", "result") else "right")
     for r in results:
-        _add(table, r.name, f"{r.max_abs:.3g}", f"{r.max_rel:.3g}", f"{r.cosine:.6f}", ("ok" if r.passed else "FAIL") + (f" ({r.detail})" if r.detail else ""))
+        _add(
+            table,
+            r.name,
+            f"{r.max_abs:.3g}",
+            f"{r.max_rel:.3g}",
+            f"{r.cosine:.6f}",
+            ("ok" if r.passed else "FAIL") + (f" ({r.detail})" if r.detail else ""),
+        )
     return table
 
 
@@ -107,21 +121,50 @@ def _opt(value: float | None, fmt: str = ".4f") -> str:
 
 
 def validation_table(result: Validation, title: str) -> Table:
-    table = _table(title, ["output", "max abs", "mean abs", "p99 abs", "max rel", "cosine", "cos min", "SNR dB",
-                           "top1", "topk"], left=("output",))
+    table = _table(
+        title,
+        [
+            "output",
+            "max abs",
+            "mean abs",
+            "p99 abs",
+            "max rel",
+            "cosine",
+            "cos min",
+            "SNR dB",
+            "top1",
+            "topk",
+        ],
+        left=("output",),
+    )
     for r in result.results:
         if r.detail:
             _add(table, r.name, *["-"] * 8, r.detail)
             continue
         topk = f"{r.topk:.4f} (k={r.k})" if r.topk is not None else "-"
         snr = "inf" if math.isinf(r.snr_db) else f"{r.snr_db:.1f}"
-        _add(table, r.name, f"{r.max_abs:.3g}", f"{r.mean_abs:.3g}", f"{r.p99_abs:.3g}", f"{r.max_rel:.3g}",
-                      f"{r.cosine:.6f}", f"{r.cosine_min:.6f}", snr, _opt(r.top1), topk)
+        _add(
+            table,
+            r.name,
+            f"{r.max_abs:.3g}",
+            f"{r.mean_abs:.3g}",
+            f"{r.p99_abs:.3g}",
+            f"{r.max_rel:.3g}",
+            f"{r.cosine:.6f}",
+            f"{r.cosine_min:.6f}",
+            snr,
+            _opt(r.top1),
+            topk,
+        )
     return table
 
 
 def verdict_table(verdicts: list[Verdict]) -> Table:
-    table = _table("checks", ["output", "check", "target", "measured", "result"], left=("output", "check", "result"))
+    table = _table(
+        "checks",
+        ["output", "check", "target", "measured", "result"],
+        left=("output", "check", "result"),
+    )
     for v in verdicts:
         _add(table, v.output, v.metric, v.target, v.measured, "ok" if v.passed else "FAIL")
     return table
@@ -138,34 +181,73 @@ def error_histogram(r: OutputComparison, width: int = 40) -> str:
 
 
 def bench_table(timings: list[Timing], title: str) -> Table:
-    table = _table(title, ["model", "ep", "batch", "mean", "std", "p50", "p90", "p99", "samples/s", "speedup",
-                           "session s", "first run ms", "size", "RSS MB"], left=("model", "ep"))
+    table = _table(
+        title,
+        [
+            "model",
+            "ep",
+            "batch",
+            "mean",
+            "std",
+            "p50",
+            "p90",
+            "p99",
+            "samples/s",
+            "speedup",
+            "session s",
+            "first run ms",
+            "size",
+            "RSS MB",
+        ],
+        left=("model", "ep"),
+    )
     for t in timings:
-        _add(table, t.model, t.ep, str(t.batch), *(f"{t.stat(s):.3f}" for s in ("mean", "std", "p50", "p90", "p99")),
-                      f"{t.throughput:.1f}", f"{t.speedup:.3f}x", f"{t.session_s:.3f}", f"{t.first_run_ms:.2f}",
-                      human_bytes(t.size_bytes), _opt(t.rss_mb, ".0f"))
+        _add(
+            table,
+            t.model,
+            t.ep,
+            str(t.batch),
+            *(f"{t.stat(s):.3f}" for s in ("mean", "std", "p50", "p90", "p99")),
+            f"{t.throughput:.1f}",
+            f"{t.speedup:.3f}x",
+            f"{t.session_s:.3f}",
+            f"{t.first_run_ms:.2f}",
+            human_bytes(t.size_bytes),
+            _opt(t.rss_mb, ".0f"),
+        )
     return table
 
 
-def layer_table(title: str, rows: list[dict], limit: int = 40) -> Table:
-    """A pass's layer rows in graph order; past ``limit`` rows, only the ``limit`` of lowest SQNR."""
+def layer_table(
+    title: str, columns: tuple[Column, ...], rows: list[dict], limit: int = 40
+) -> Table:
+    """A pass's layer rows in graph order, in the columns the pass declares (those with a value in
+    some row) and their SQNR; past ``limit`` rows, only the ``limit`` of lowest SQNR."""
     shown = rows
     if len(rows) > limit:
         worst = sorted(range(len(rows)), key=lambda i: _sqnr(rows[i]))[:limit]
         shown = [rows[i] for i in sorted(worst)]
-    timed = any(r.get("float_us") is not None for r in rows)  # a pass that profiled its layers
-    blocked = any(r.get("block") is not None for r in rows)  # weights quantized in blocks (bits=4)
-    table = _table(title, ["layer", "op", "weight", "activation", *(("block", "weight MSE") if blocked else ()),
-                           "weight scale", "SQNR dB", *(("float µs", "int8 µs") if timed else ())],
-                   left=("layer", "op", "weight", "activation"))
+    used = [c for c in (*columns, SQNR_COLUMN) if any(r.get(c.key) is not None for r in rows)]
+    text = {c.header for c in used if all(isinstance(r.get(c.key), str | None) for r in rows)}
+    table = _table(title, [c.header for c in used], left=tuple(text))
     for r in shown:
-        blocks = (_opt(r.get("block"), "d"), _opt(r.get("weight_mse"), ".3g")) if blocked else ()
-        times = (_opt(r.get("float_us"), ".0f"), _opt(r.get("int8_us"), ".0f")) if timed else ()
-        _add(table, r["layer"], r["op"], r["weight"], r.get("activation") or "-", *blocks, _scale_range(r),
-             _db(r.get("sqnr_db")), *times)
+        _add(table, *(_cell(c, r) for c in used))
     if len(rows) > limit:
-        table.caption, table.caption_justify = f"{len(rows) - limit} more layers, of higher SQNR, in the report", "left"
+        table.caption, table.caption_justify = (
+            f"{len(rows) - limit} more layers, of higher SQNR, in the report",
+            "left",
+        )
     return table
+
+
+SQNR_COLUMN = Column("sqnr_db", "SQNR dB", ".1f")
+
+
+def _cell(column: Column, row: dict) -> str:
+    if callable(column.format):
+        return column.format(row)
+    value = row.get(column.key)
+    return "-" if value is None else format(value, column.format) if column.format else str(value)
 
 
 def _sqnr(row: dict) -> float:
@@ -173,20 +255,13 @@ def _sqnr(row: dict) -> float:
     return math.inf if value is None else value
 
 
-def _scale_range(row: dict) -> str:
-    lo, hi = row.get("weight_scale_min"), row.get("weight_scale_max")
-    if lo is None:
-        return "-"
-    return f"{lo:.3g}" if lo == hi else f"{lo:.3g}–{hi:.3g}"
-
-
-def _db(value: float | None) -> str:
-    return "-" if value is None else f"{value:.1f}"
-
-
 def gate_table(result: GateResult) -> Table:
     verdict = "passed" if result.passed else f"FAILED {len(result.failed)} of {len(result.goals)}"
-    table = _table(f"gate: {verdict}", ["goal", "target", "measured", "result"], left=("goal", "measured", "result"))
+    table = _table(
+        f"gate: {verdict}",
+        ["goal", "target", "measured", "result"],
+        left=("goal", "measured", "result"),
+    )
     for g in result.goals:
         _add(table, g.name, g.target, g.measured, "ok" if g.passed else "FAIL")
     return table

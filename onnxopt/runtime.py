@@ -29,7 +29,9 @@ def parse_eps(spec: str | list[str] | tuple[str, ...]) -> list[str]:
     eps = [e.strip().lower() for e in items if e.strip()]
     for ep in eps:
         if ep not in PROVIDERS:
-            raise UsageError(f"unknown execution provider {ep!r} (choose from {', '.join(PROVIDERS)})")
+            raise UsageError(
+                f"unknown execution provider {ep!r} (choose from {', '.join(PROVIDERS)})"
+            )
     if not eps:
         raise UsageError("no execution provider given")
     return list(dict.fromkeys(eps))
@@ -47,8 +49,14 @@ def require(ep: str) -> None:
         )
 
 
-def session(model: str | os.PathLike | bytes, *, ep: str = "cpu", optimize: bool = False, threads: int = 0,
-            profile: str | None = None):
+def session(
+    model: str | os.PathLike | bytes,
+    *,
+    ep: str = "cpu",
+    optimize: bool = False,
+    threads: int = 0,
+    profile: str | None = None,
+):
     """A session on ``ep``. Graph optimizations are off by default so that what runs is the model as written.
     With ``profile`` (a file prefix), onnxruntime records each node's time; ``end_profiling()`` writes it."""
     rt = ort()

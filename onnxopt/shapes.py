@@ -34,8 +34,15 @@ from onnxopt.errors import OnnxoptError, UsageError, one_line
 
 SIZES = (1, 2, 4, 8, 16, 32, 48, 64, 128, 224, 256, 320, 512, 640)
 BUDGET_S = 10.0  # seconds of trial runs before giving up (a failed run usually takes milliseconds)
-_SPATIAL = re.compile(r"^(h|w|height|width|img_?h|img_?w|image_?height|image_?width)$", re.IGNORECASE)
-_SIZE_KEYS = ("imgsz", "image_size", "img_size", "input_size")  # metadata_props that hold an image size
+_SPATIAL = re.compile(
+    r"^(h|w|height|width|img_?h|img_?w|image_?height|image_?width)$", re.IGNORECASE
+)
+_SIZE_KEYS = (
+    "imgsz",
+    "image_size",
+    "img_size",
+    "input_size",
+)  # metadata_props that hold an image size
 _UNNAMED = ("", "?")  # Paddle writes '?' for every unknown dim: they are not one shared dim
 
 
@@ -69,13 +76,26 @@ class Choice:
         for label, size in self.chosen.items():
             by_size.setdefault(size, []).append(label)
         sizes = "; ".join(f"{', '.join(labels)} set to {size}" for size, labels in by_size.items())
-        pinned = " ".join(f"--shape {name}={','.join(map(str, dims))}" for name, dims in self.shapes.items())
-        found = f" (found in {self.tried} tries; the first guess failed: {self.first_error})" if self.searched else ""
+        pinned = " ".join(
+            f"--shape {name}={','.join(map(str, dims))}" for name, dims in self.shapes.items()
+        )
+        found = (
+            f" (found in {self.tried} tries; the first guess failed: {self.first_error})"
+            if self.searched
+            else ""
+        )
         return f"{what}: {sizes}{found}; pin them with {pinned}"
 
 
-def resolve(model: ir.Model, given: dict[str, list[int]] | None = None, batch: int | None = None, *,
-            prefer: int = 1, source: str | os.PathLike | None = None, budget_s: float = BUDGET_S) -> Choice:
+def resolve(
+    model: ir.Model,
+    given: dict[str, list[int]] | None = None,
+    batch: int | None = None,
+    *,
+    prefer: int = 1,
+    source: str | os.PathLike | None = None,
+    budget_s: float = BUDGET_S,
+) -> Choice:
     """Shapes for every input of ``model`` that run in onnxruntime.
 
     ``given`` holds the user's whole shapes by input name; ``batch`` the size of batch dims;
@@ -86,19 +106,31 @@ def resolve(model: ir.Model, given: dict[str, list[int]] | None = None, batch: i
     values = [v for v in model.graph.inputs if v.name not in model.graph.initializers]
     for v in values:
         if v.name not in given and v.shape is None:
-            raise UsageError(f"input {v.name} has no shape in the model: give one with --shape {v.name}=DIMS "
-                             "or real samples with --inputs data.npz")
+            raise UsageError(
+                f"input {v.name} has no shape in the model: give one with --shape {v.name}=DIMS "
+                "or real samples with --inputs data.npz"
+            )
     dims = {v.name: _classify(v) for v in values if v.name not in given}
     bound = _bound_by_given(values, given)
     start = _start(model, dims, bound, batch, prefer)
-    free = [k for k in dict.fromkeys(d.key for ds in dims.values() for d in ds if d) if k not in bound
-            and not any(d.batch for ds in dims.values() for d in ds if d and d.key == k)]
+    free = [
+        k
+        for k in dict.fromkeys(d.key for ds in dims.values() for d in ds if d)
+        if k not in bound
+        and not any(d.batch for ds in dims.values() for d in ds if d and d.key == k)
+    ]
+
     def chosen(sizes: dict[str, int]) -> dict[str, int]:
-        keys = dict.fromkeys(d.key for axes in dims.values() for d in axes if d and not (d.batch and batch))
+        keys = dict.fromkeys(
+            d.key for axes in dims.values() for d in axes if d and not (d.batch and batch)
+        )
         return {k: sizes[k] for k in keys if k not in bound}
 
     def build(sizes: dict[str, int]) -> dict[str, list[int]]:
-        return {v.name: given[v.name] if v.name in given else _shape(v, dims[v.name], sizes) for v in values}
+        return {
+            v.name: given[v.name] if v.name in given else _shape(v, dims[v.name], sizes)
+            for v in values
+        }
 
     if not free:  # nothing to search: batch dims take --batch (or 1)
         return Choice(build(start), chosen(start))
@@ -113,7 +145,9 @@ def resolve(model: ir.Model, given: dict[str, list[int]] | None = None, batch: i
             break
         tried += 1
         if runner.error(build(sizes)) is None:
-            return Choice(build(sizes), chosen(sizes), searched=True, first_error=error, tried=tried)
+            return Choice(
+                build(sizes), chosen(sizes), searched=True, first_error=error, tried=tried
+            )
     raise UsageError(_nothing_runs(values, dims, tried, error))
 
 
@@ -150,7 +184,9 @@ def _bound_by_given(values: list[ir.Value], given: dict[str, list[int]]) -> dict
     return bound
 
 
-def _start(model: ir.Model, dims: dict[str, list], bound: dict[str, int], batch: int | None, prefer: int) -> dict[str, int]:
+def _start(
+    model: ir.Model, dims: dict[str, list], bound: dict[str, int], batch: int | None, prefer: int
+) -> dict[str, int]:
     hint = _image_size_hint(model)
     start = dict(bound)
     for axes in dims.values():
@@ -177,7 +213,13 @@ def _image_size_hint(model: ir.Model) -> tuple[int, int] | None:
             value = ast.literal_eval(text)
         except (ValueError, SyntaxError):
             continue
-        sizes = [value] if isinstance(value, int) else list(value) if isinstance(value, (list, tuple)) else []
+        sizes = (
+            [value]
+            if isinstance(value, int)
+            else list(value)
+            if isinstance(value, (list, tuple))
+            else []
+        )
         sizes = [s for s in sizes if isinstance(s, int) and s > 0][-2:]
         if sizes:
             return (sizes[0], sizes[-1])
@@ -192,7 +234,11 @@ def _spatial_keys(dims: dict[str, list], free: list[str]) -> list[str]:
 def _candidates(start: dict[str, int], free: list[str], spatial: list[str], prefer: int):
     """Size assignments to try after ``start``, in the order of the module docstring, each once."""
     order = sorted(SIZES, key=lambda s: (abs(math.log(s / prefer)), s))
-    units = [spatial, *([k] for k in free if k not in spatial)] if len(spatial) > 1 else [[k] for k in free]
+    units = (
+        [spatial, *([k] for k in free if k not in spatial)]
+        if len(spatial) > 1
+        else [[k] for k in free]
+    )
     seen = {tuple(sorted(start.items()))}
     for keys in [*units, free, *([k] for k in spatial if len(spatial) > 1)]:
         for s in order:
@@ -215,7 +261,9 @@ class _Runner:
 
         self.model = model
         try:
-            self.session = runtime.session(source) if source is not None else compare.model_session(model)
+            self.session = (
+                runtime.session(source) if source is not None else compare.model_session(model)
+            )
         except OnnxoptError:
             raise
         except Exception as e:  # onnxruntime's own errors
@@ -239,7 +287,12 @@ def _nothing_runs(values: list[ir.Value], dims: dict[str, list], tried: int, err
         name = getattr(d, "value", None)
         return "N" if a.batch else name if isinstance(name, str) and name not in _UNNAMED else "?"
 
-    wanted = " ".join(f"--shape {v.name}={','.join(placeholder(d, a) for d, a in zip(v.shape, dims[v.name]))}"
-                      for v in values if any(dims.get(v.name, ())))
-    return (f"the model runs on none of the {tried} input shapes tried for its dynamic dims (first error: {error}); "
-            f"give them: {wanted}, or real samples with --inputs data.npz")
+    wanted = " ".join(
+        f"--shape {v.name}={','.join(placeholder(d, a) for d, a in zip(v.shape, dims[v.name]))}"
+        for v in values
+        if any(dims.get(v.name, ()))
+    )
+    return (
+        f"the model runs on none of the {tried} input shapes tried for its dynamic dims (first error: {error}); "
+        f"give them: {wanted}, or real samples with --inputs data.npz"
+    )

@@ -39,7 +39,11 @@ class Stats:
     def of(cls, model: ir.Model) -> Stats:
         ops = collections.Counter()
         for node in ir.traversal.RecursiveGraphIterator(model.graph):
-            ops[f"{node.domain}::{node.op_type}" if node.domain not in ("", "ai.onnx") else node.op_type] += 1
+            ops[
+                f"{node.domain}::{node.op_type}"
+                if node.domain not in ("", "ai.onnx")
+                else node.op_type
+            ] += 1
         tensors = list(constant_tensors(model))
         return cls(
             nodes=sum(ops.values()),
@@ -50,4 +54,7 @@ class Stats:
         )
 
     def delta(self, later: Stats) -> dict[str, int]:
-        return {k: getattr(later, k) - getattr(self, k) for k in ("nodes", "initializers", "params", "tensor_bytes")}
+        return {
+            k: getattr(later, k) - getattr(self, k)
+            for k in ("nodes", "initializers", "params", "tensor_bytes")
+        }

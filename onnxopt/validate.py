@@ -28,7 +28,12 @@ class Bounds:
         return any(v is not None for v in dataclasses.asdict(self).values())
 
     def merged(self, override: Bounds) -> Bounds:
-        return Bounds(**{k: v if v is not None else getattr(self, k) for k, v in dataclasses.asdict(override).items()})
+        return Bounds(
+            **{
+                k: v if v is not None else getattr(self, k)
+                for k, v in dataclasses.asdict(override).items()
+            }
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,25 +55,46 @@ _MEASURES = {
 }
 
 
-def judge(result: OutputComparison, bounds: Bounds, tolerance: bool, settings: Settings) -> list[Verdict]:
+def judge(
+    result: OutputComparison, bounds: Bounds, tolerance: bool, settings: Settings
+) -> list[Verdict]:
     """The verdicts of ``bounds`` on ``result``, and of the atol/rtol check when ``tolerance``."""
     out = []
     if result.detail:
         return [Verdict(result.name, "output", "comparable", result.detail, False)]
     if tolerance:
         atol, rtol = settings.tolerances(result.name)
-        out.append(Verdict(result.name, "tolerance", f"atol {atol:g}, rtol {rtol:g}",
-                           f"max abs {result.max_abs:.3g}, max rel {result.max_rel:.3g}", result.passed))
+        out.append(
+            Verdict(
+                result.name,
+                "tolerance",
+                f"atol {atol:g}, rtol {rtol:g}",
+                f"max abs {result.max_abs:.3g}, max rel {result.max_rel:.3g}",
+                result.passed,
+            )
+        )
     for key, value in dataclasses.asdict(bounds).items():
         if value is None:
             continue
         measure, op = _MEASURES[key]
         got = measure(result)
         if got is None:
-            out.append(Verdict(result.name, key, f"{op} {value:g}", "n/a (not class scores; set --topk)", False))
+            out.append(
+                Verdict(
+                    result.name, key, f"{op} {value:g}", "n/a (not class scores; set --topk)", False
+                )
+            )
             continue
         passed = got >= value if op == ">=" else got <= value
-        out.append(Verdict(result.name, key, f"{op} {value:g}", f"{got:.6g}", bool(passed and not math.isnan(got))))
+        out.append(
+            Verdict(
+                result.name,
+                key,
+                f"{op} {value:g}",
+                f"{got:.6g}",
+                bool(passed and not math.isnan(got)),
+            )
+        )
     return out
 
 
@@ -114,9 +140,15 @@ def validate(
     cand_sess = _session(candidate, ep, threads, CheckFailed, "the candidate model")
     notices: list[str] = []
     settings = compare.low_precision_floors(settings, ref_sess)
-    results = compare.compare_sessions(ref_sess, cand_sess, spec.batches(model, notices, reference), settings, on_batch)
+    results = compare.compare_sessions(
+        ref_sess, cand_sess, spec.batches(model, notices, reference), settings, on_batch
+    )
     everyone = bounds.get("", Bounds())
-    verdicts = [v for r in results for v in judge(r, everyone.merged(bounds.get(r.name, Bounds())), tolerance, settings)]
+    verdicts = [
+        v
+        for r in results
+        for v in judge(r, everyone.merged(bounds.get(r.name, Bounds())), tolerance, settings)
+    ]
     return Validation(results, verdicts, notices, max((r.samples for r in results), default=0))
 
 
@@ -124,14 +156,23 @@ def _check_names(model: ir.Model, settings: Settings, bounds: dict[str, Bounds])
     """Refuse, before any run, options that name outputs or inputs the reference does not have."""
     outputs = {v.name for v in model.graph.outputs}
     inputs = {v.name for v in model.graph.inputs}
-    for option, table in (("--atol", settings.atol), ("--rtol", settings.rtol), ("--topk", settings.topk),
-                          ("--mean-pool", settings.mean_pool), ("a bound", bounds)):
+    for option, table in (
+        ("--atol", settings.atol),
+        ("--rtol", settings.rtol),
+        ("--topk", settings.topk),
+        ("--mean-pool", settings.mean_pool),
+        ("a bound", bounds),
+    ):
         unknown = set(table) - outputs - {""}
         if unknown:
-            raise UsageError(f"{option} names no output of the reference: {', '.join(sorted(unknown))}")
+            raise UsageError(
+                f"{option} names no output of the reference: {', '.join(sorted(unknown))}"
+            )
     for output, mask in settings.mean_pool.items():
         if mask not in inputs:
-            raise UsageError(f"--mean-pool {output}:{mask}: {mask} is not an input of the reference")
+            raise UsageError(
+                f"--mean-pool {output}:{mask}: {mask} is not an input of the reference"
+            )
 
 
 def _session(path, ep: str, threads: int, error: type[OnnxoptError], what: str):

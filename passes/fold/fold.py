@@ -7,7 +7,7 @@ import onnx
 import onnx_ir as ir
 
 from onnxopt import runtime
-from onnxopt.passbase import Option, OptPass
+from onnxopt.passbase import Option, OptPass, Outcome
 from onnxopt.passes._common import (
     constant,
     graphs_of,
@@ -24,9 +24,20 @@ from onnxopt.passes._common import (
 # Folding these would change what the model means: fresh random numbers on every run, or
 # quantization boundaries that runtimes look for as patterns.
 NEVER_FOLD = {
-    "RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike", "Multinomial", "Bernoulli",
-    "QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "Constant",
-    "If", "Loop", "Scan", "SequenceMap",
+    "RandomNormal",
+    "RandomNormalLike",
+    "RandomUniform",
+    "RandomUniformLike",
+    "Multinomial",
+    "Bernoulli",
+    "QuantizeLinear",
+    "DequantizeLinear",
+    "DynamicQuantizeLinear",
+    "Constant",
+    "If",
+    "Loop",
+    "Scan",
+    "SequenceMap",
 }
 
 
@@ -34,11 +45,16 @@ class Fold(OptPass):
     name = "fold"
     summary = "Constant folding: evaluate nodes whose inputs are all constant, static shape computations and constant If."
     options = (
-        Option("size_limit", int, 1 << 20, "largest result folded, in elements; bigger ones stay computed"),
+        Option(
+            "size_limit",
+            int,
+            1 << 20,
+            "largest result folded, in elements; bigger ones stay computed",
+        ),
     )
     fixed_point = True
 
-    def call(self, model: ir.Model) -> ir.passes.PassResult:
+    def call(self, model: ir.Model) -> Outcome:
         modified = lift_constants(model)
         infer_shapes(model)
         for graph in graphs_of(model):
@@ -47,7 +63,7 @@ class Fold(OptPass):
         modified |= inline_constant_ifs(model)
         if modified:
             remove_unused(model)
-        return ir.passes.PassResult(model, modified)
+        return Outcome(model, modified)
 
 
 def fold_graph(graph: ir.Graph, model: ir.Model, size_limit: int) -> bool:
@@ -62,7 +78,9 @@ def fold_graph(graph: ir.Graph, model: ir.Model, size_limit: int) -> bool:
     folded = False
     for node in reversed(nodes):
         for value in node.outputs:
-            needed = value.is_graph_output() or any(use.node not in members or use.node in kept for use in value.uses())
+            needed = value.is_graph_output() or any(
+                use.node not in members or use.node in kept for use in value.uses()
+            )
             if not needed:
                 continue
             array = results.get(value)
@@ -78,7 +96,11 @@ def foldable_nodes(graph: ir.Graph, size_limit: int) -> list[ir.Node]:
     nodes: list[ir.Node] = []
     known: set[ir.Value] = set()
     for node in graph:
-        if not is_standard(node) or node.op_type in NEVER_FOLD or any(a.type == ir.AttributeType.GRAPH for a in node.attributes.values()):
+        if (
+            not is_standard(node)
+            or node.op_type in NEVER_FOLD
+            or any(a.type == ir.AttributeType.GRAPH for a in node.attributes.values())
+        ):
             continue
         if not all(v is None or v in known or constant(v) is not None for v in node.inputs):
             continue
@@ -92,7 +114,9 @@ def _too_large(value: ir.Value, size_limit: int) -> bool:
     return shape is not None and int(np.prod(shape)) > size_limit
 
 
-def evaluate(nodes: list[ir.Node], model: ir.Model, wanted: set[ir.Value]) -> dict[ir.Value, np.ndarray]:
+def evaluate(
+    nodes: list[ir.Node], model: ir.Model, wanted: set[ir.Value]
+) -> dict[ir.Value, np.ndarray]:
     """Evaluate the nodes in one onnxruntime session; node by node when the batch fails."""
     try:
         return _run(nodes, model, wanted)
@@ -155,7 +179,9 @@ def fold_static_shapes(graph: ir.Graph) -> bool:
             source = node.inputs[0].producer()
             if source is not None and is_standard(source, "Shape"):
                 dims = select_dims(node, shape_dims(source, allow_symbolic=True))
-        if dims is not None and replace_with_constant(node.outputs[0], np.asarray(dims, dtype=np.int64)):
+        if dims is not None and replace_with_constant(
+            node.outputs[0], np.asarray(dims, dtype=np.int64)
+        ):
             changed = True
     return changed
 
@@ -192,14 +218,19 @@ def select_dims(node: ir.Node, dims: np.ndarray | None) -> np.ndarray | None:
             picked = dims[indices]
         else:
             args = [constant(v) if v is not None else None for v in node.inputs[1:]]
-            if any(a is None for a, v in zip(args, node.inputs[1:]) if v is not None) or len(args) < 2:
+            if (
+                any(a is None for a, v in zip(args, node.inputs[1:]) if v is not None)
+                or len(args) < 2
+            ):
                 return None
             starts, ends = args[0], args[1]
             axes = args[2] if len(args) > 2 and args[2] is not None else np.array([0])
             steps = args[3] if len(args) > 3 and args[3] is not None else np.ones_like(starts)
             if starts.size != 1 or list(axes.ravel()) not in ([0], [-1]):
                 return None
-            picked = dims[slice(int(starts[0]), int(max(min(ends[0], 2**62), -(2**62))), int(steps[0]))]
+            picked = dims[
+                slice(int(starts[0]), int(max(min(ends[0], 2**62), -(2**62))), int(steps[0]))
+            ]
     except (IndexError, ValueError, TypeError):
         return None
     if any(d is None for d in np.ravel(picked)):
@@ -239,7 +270,9 @@ def _inline_ifs(graph: ir.Graph) -> bool:
     for node in list(graph):
         if node.graph is graph and _constant_if(node):
             cond = bool(constant(node.inputs[0]).ravel()[0])
-            inline_branch(graph, node, node.attributes["then_branch" if cond else "else_branch"].as_graph())
+            inline_branch(
+                graph, node, node.attributes["then_branch" if cond else "else_branch"].as_graph()
+            )
             changed = True
     return changed
 
