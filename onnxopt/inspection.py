@@ -8,7 +8,7 @@ import os
 import onnx_ir as ir
 
 from onnxopt import io
-from onnxopt.stats import Stats, all_graphs
+from onnxopt.stats import Stats
 
 
 def dims_text(value: ir.Value) -> list[str | int] | None:
@@ -21,7 +21,7 @@ def describe(model: ir.Model, path: str | os.PathLike | None = None) -> dict:
     stats = Stats.of(model)
     by_dtype: dict[str, dict[str, int]] = collections.defaultdict(lambda: {"params": 0, "bytes": 0})
     initializers = constants = 0
-    for graph in all_graphs(model):
+    for graph in model.graphs():
         for value in graph.initializers.values():
             if value.const_value is not None:
                 initializers += 1
@@ -59,7 +59,7 @@ def describe(model: ir.Model, path: str | os.PathLike | None = None) -> dict:
         "by_dtype": dict(sorted(by_dtype.items())),
         "initializers": initializers,
         "constant_nodes": constants,
-        "subgraphs": len(all_graphs(model)) - 1,
+        "subgraphs": sum(1 for _ in model.graphs()) - 1,
         "functions": len(model.functions),
         "external_data": sorted({t.location for t in io.external_tensors(model)}),
     }

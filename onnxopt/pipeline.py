@@ -141,7 +141,7 @@ def _run(model, passes, max_rounds, on_pass) -> tuple[ir.Model, RunReport]:
 
 def _intermediates(model: ir.Model):
     """Values computed inside the graphs (not any graph's inputs or outputs), subgraphs included."""
-    for graph in (model.graph, *model.graph.subgraphs()):
+    for graph in model.graphs():
         ends = {id(v) for v in (*graph.inputs, *graph.outputs)}
         for node in graph:
             yield from (v for v in node.outputs if id(v) not in ends)

@@ -8,13 +8,9 @@ import dataclasses
 import onnx_ir as ir
 
 
-def all_graphs(model: ir.Model) -> list[ir.Graph]:
-    return [model.graph, *model.graph.subgraphs()]
-
-
 def constant_tensors(model: ir.Model):
     """Tensors stored in the model: initializers and the values of Constant nodes."""
-    for graph in all_graphs(model):
+    for graph in model.graphs():
         for value in graph.initializers.values():
             if value.const_value is not None:
                 yield value.const_value
@@ -47,7 +43,7 @@ class Stats:
         tensors = list(constant_tensors(model))
         return cls(
             nodes=sum(ops.values()),
-            initializers=sum(len(g.initializers) for g in all_graphs(model)),
+            initializers=sum(len(g.initializers) for g in model.graphs()),
             params=sum(t.size for t in tensors),
             tensor_bytes=sum(t.nbytes for t in tensors),
             ops=dict(sorted(ops.items())),
