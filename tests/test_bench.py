@@ -33,16 +33,37 @@ def test_bench_api_times_every_model_alike(tmp_path):
 
 def test_bench_for_a_time_budget(tmp_path):
     a = classifier(tmp_path / "a.onnx")
-    [t] = bench.bench([a], {"x": np.ones((1, 8), np.float32)}, ["cpu"], bench.Settings(seconds=0.2, warmup=0))
+    [t] = bench.bench(
+        [a], {"x": np.ones((1, 8), np.float32)}, ["cpu"], bench.Settings(seconds=0.2, warmup=0)
+    )
     assert len(t.times_ms) >= bench.RUNS_PER_ROUND
 
 
 def test_bench_command_json_and_table(tmp_path, capsys):
     a, b = classifier(tmp_path / "a.onnx"), classifier(tmp_path / "b.onnx")
-    assert cli("bench", a, b, "--shape", "x=2,8", "--iters", "10", "--warmup", "1", "--threads", "1", "--json") == 0
+    assert (
+        cli(
+            "bench",
+            a,
+            b,
+            "--shape",
+            "x=2,8",
+            "--iters",
+            "10",
+            "--warmup",
+            "1",
+            "--threads",
+            "1",
+            "--json",
+        )
+        == 0
+    )
     report = json.loads(capsys.readouterr().out)
     assert [r["model"] for r in report["results"]] == [str(a), str(b)]
-    assert all(r["iters"] == 10 and r["batch"] == 2 for r in report["results"]) and report["peak_rss_mb"] > 0
+    assert (
+        all(r["iters"] == 10 and r["batch"] == 2 for r in report["results"])
+        and report["peak_rss_mb"] > 0
+    )
     assert cli("bench", a, "--batch", "3", "--iters", "5") == 0
     out = capsys.readouterr().out
     assert "speedup" in out and "1.000x" in out and "set to 1" not in out
@@ -74,7 +95,9 @@ def test_silent_fallback_to_cpu_is_refused(tmp_path, capsys, monkeypatch):
     # onnxruntime lists CUDA but cannot load it (missing CUDA/cuDNN libraries): the session it makes
     # runs on the CPU and says so only in its providers. Mock the listing; the fallback is onnxruntime's own.
     available = onnxruntime.get_available_providers()
-    monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: ["CUDAExecutionProvider", *available])
+    monkeypatch.setattr(
+        onnxruntime, "get_available_providers", lambda: ["CUDAExecutionProvider", *available]
+    )
     real = onnxruntime.InferenceSession
 
     def cpu_only(path, opts=None, providers=None, **kw):
@@ -83,7 +106,9 @@ def test_silent_fallback_to_cpu_is_refused(tmp_path, capsys, monkeypatch):
 
     monkeypatch.setattr(onnxruntime, "InferenceSession", cpu_only)
     a = classifier(tmp_path / "a.onnx")
-    with pytest.raises(UsageError, match="fell back to CPUExecutionProvider because CUDAExecutionProvider failed"):
+    with pytest.raises(
+        UsageError, match="fell back to CPUExecutionProvider because CUDAExecutionProvider failed"
+    ):
         runtime.session(a, ep="cuda")
     assert cli("bench", a, "--ep", "cuda", "--iters", "5") == 2
     assert "fell back" in capsys.readouterr().err
@@ -93,7 +118,9 @@ def test_silent_fallback_to_cpu_is_refused(tmp_path, capsys, monkeypatch):
 @pytest.mark.skipif(not HAS_CUDA, reason="no CUDA execution provider in this onnxruntime")
 def test_cuda_path(tmp_path, capsys):
     a, b = classifier(tmp_path / "a.onnx"), classifier(tmp_path / "b.onnx", noise=0.01)
-    timings = bench.bench([a, b], {"x": np.ones((64, 8), np.float32)}, ["cpu", "cuda"], bench.Settings(iters=20))
+    timings = bench.bench(
+        [a, b], {"x": np.ones((64, 8), np.float32)}, ["cpu", "cuda"], bench.Settings(iters=20)
+    )
     assert [t.ep for t in timings] == ["cpu", "cpu", "cuda", "cuda"]
     assert all(len(t.times_ms) == 20 for t in timings)
     assert cli("validate", a, b, "--ep", "cuda", "--shape", "x=16,8", "--min-cosine", "0.999") == 0

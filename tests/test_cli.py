@@ -18,7 +18,10 @@ DEMO = Path(str(resources.files("onnxopt.zoo").joinpath("demo.onnx")))
 def onnxopt(*args, cwd=None):
     return subprocess.run(
         [sys.executable, "-c", "from onnxopt.cli import main; main()", *map(str, args)],
-        capture_output=True, text=True, cwd=cwd, timeout=300,
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        timeout=300,
     )
 
 
@@ -49,7 +52,9 @@ def test_run_on_the_demo_model(demo, tmp_path):
 
 def test_pass_options_and_external_data(demo, tmp_path):
     out = tmp_path / "ext.onnx"
-    result = onnxopt("run", demo, "--passes", "fold(size_limit=16),prune", "-o", out, "--external-data")
+    result = onnxopt(
+        "run", demo, "--passes", "fold(size_limit=16),prune", "-o", out, "--external-data"
+    )
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "ext.onnx.data").stat().st_size > 10_000
     assert out.stat().st_size < 10_000
@@ -71,10 +76,19 @@ def bad_inputs(tmp_path, demo):
         "missing file": (["run", tmp_path / "nope.onnx"], "no such file"),
         "not onnx": (["run", text], "not a readable ONNX model"),
         "truncated": (["run", truncated], "not a readable ONNX model"),
-        "external data missing": (["run", external], "external data file model.onnx.data is missing"),
+        "external data missing": (
+            ["run", external],
+            "external data file model.onnx.data is missing",
+        ),
         "unknown pass": (["run", demo, "--passes", "fold,frobnicate"], "unknown pass 'frobnicate'"),
-        "bad option name": (["run", demo, "--passes", "fold(sizelimit=3)"], "unknown option 'sizelimit'"),
-        "bad option value": (["run", demo, "--passes", "fold(size_limit=big)"], "option size_limit takes int"),
+        "bad option name": (
+            ["run", demo, "--passes", "fold(sizelimit=3)"],
+            "unknown option 'sizelimit'",
+        ),
+        "bad option value": (
+            ["run", demo, "--passes", "fold(size_limit=big)"],
+            "option size_limit takes int",
+        ),
         "output is input": (["run", demo, "-o", demo], "refusing to write over the input"),
         "bad shape": (["run", demo, "--shape", "x:1,2"], "bad --shape"),
         "unknown cli option": (["run", demo, "--frobnicate"], "No such option"),
@@ -110,8 +124,11 @@ def test_failed_check_exits_1_and_writes_nothing(tmp_path, monkeypatch):
         "        return ir.passes.PassResult(model, True)\n"
         "from onnxopt.cli import main; main()\n"
     )
-    result = subprocess.run([sys.executable, "-c", script, "run", str(path), "--passes", "wrong"],
-                            capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, "-c", script, "run", str(path), "--passes", "wrong"],
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 1
     assert "outputs differ" in result.stderr and len(result.stderr.strip().splitlines()) == 1
     assert files(tmp_path) == {"m.onnx"}
@@ -153,7 +170,9 @@ def test_a_model_that_fails_at_size_1_runs_validates_and_benches_with_no_flags(t
     path = _save(tmp_path, patch_net())
     result = onnxopt("run", path, "-o", tmp_path / "out.onnx")
     assert result.returncode == 0, result.stderr
-    assert "pin them with --shape x=1,1,32,32" in result.stdout and "--no-check" not in result.stdout
+    assert (
+        "pin them with --shape x=1,1,32,32" in result.stdout and "--no-check" not in result.stdout
+    )
     assert onnxopt("validate", path, tmp_path / "out.onnx").returncode == 0
     timed = onnxopt("bench", path, tmp_path / "out.onnx", "--iters", "5")
     assert timed.returncode == 0 and "--shape x=1,1,32,32" in timed.stdout
@@ -165,7 +184,11 @@ def test_a_model_that_runs_at_no_size_is_one_line_exit_2(tmp_path):
     path = _save(tmp_path, proto)
     result = onnxopt("run", path)
     assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1
-    assert "--shape x=n" in result.stderr and "--inputs" in result.stderr and "--no-check" not in result.stderr
+    assert (
+        "--shape x=n" in result.stderr
+        and "--inputs" in result.stderr
+        and "--no-check" not in result.stderr
+    )
     assert files(tmp_path) == {"m.onnx"}
     for command in (("validate", path, path), ("bench", path)):
         result = onnxopt(*command)
@@ -188,12 +211,15 @@ CRASHING_PASS = (
 
 def test_an_unexpected_error_is_one_line_exit_3_and_debug_shows_the_traceback(tmp_path, demo):
     def run(*args):
-        return subprocess.run([sys.executable, "-c", CRASHING_PASS, *map(str, args)], capture_output=True, text=True)
+        return subprocess.run(
+            [sys.executable, "-c", CRASHING_PASS, *map(str, args)], capture_output=True, text=True
+        )
 
     result = run("run", demo, "--passes", "boom")
     assert result.returncode == 3
-    assert result.stderr.strip() == ("error: internal error in pass boom (KeyError: 'x'); "
-                                     "rerun with --debug for the traceback")
+    assert result.stderr.strip() == (
+        "error: internal error in pass boom (KeyError: 'x'); rerun with --debug for the traceback"
+    )
     assert files(tmp_path) == {"demo.onnx"}
     debug = run("run", demo, "--passes", "boom", "--debug")
     assert debug.returncode == 3 and "Traceback" in debug.stderr and "in call" in debug.stderr
@@ -207,7 +233,9 @@ def test_run_checks_on_real_samples_and_quiet(tmp_path, demo):
     import numpy as np
 
     np.savez(tmp_path / "s.npz", x=np.random.default_rng(0).random((3, 3, 32, 32), np.float32))
-    result = onnxopt("run", demo, "--inputs", tmp_path / "s.npz", "--report", tmp_path / "r.json", "-q")
+    result = onnxopt(
+        "run", demo, "--inputs", tmp_path / "s.npz", "--report", tmp_path / "r.json", "-q"
+    )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip().splitlines() == [f"wrote {tmp_path / 'demo.opt.onnx'}"]
     check = json.loads((tmp_path / "r.json").read_text())["check"]

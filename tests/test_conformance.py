@@ -37,7 +37,14 @@ ort = pytest.importorskip("onnxruntime")
 RTOL, ATOL = 1e-4, 1e-5
 DATA_SOURCES = ("simple", "pytorch-converted", "pytorch-operator")
 # Ops whose outputs differ from run to run: only output names, dtypes and shapes are compared.
-RANDOM_OPS = {"RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike", "Bernoulli", "Multinomial"}
+RANDOM_OPS = {
+    "RandomNormal",
+    "RandomNormalLike",
+    "RandomUniform",
+    "RandomUniformLike",
+    "Bernoulli",
+    "Multinomial",
+}
 
 
 @dataclasses.dataclass
@@ -146,7 +153,11 @@ def compare(want, got, exact_values: bool, where: str = "") -> str | None:
                 return reason
         return None
     if want is None or got is None:  # an optional
-        return None if want is None and got is None else f"{where}: {_describe(want)} became {_describe(got)}"
+        return (
+            None
+            if want is None and got is None
+            else f"{where}: {_describe(want)} became {_describe(got)}"
+        )
     want, got = np.asarray(want), np.asarray(got)
     if want.dtype != got.dtype or want.shape != got.shape:
         return f"{where}: {_describe(want)} became {_describe(got)}"
@@ -161,7 +172,9 @@ def compare(want, got, exact_values: bool, where: str = "") -> str | None:
         # happens, so the optimized model can be 1 ulp off the original (and no farther from onnx's reference).
         rtol = max(RTOL, float(np.finfo(want.dtype).eps)) if want.dtype.kind == "f" else RTOL
         try:
-            np.testing.assert_allclose(got.astype(wide), want.astype(wide), rtol=rtol, atol=ATOL, equal_nan=True)
+            np.testing.assert_allclose(
+                got.astype(wide), want.astype(wide), rtol=rtol, atol=ATOL, equal_nan=True
+            )
         except AssertionError as e:
             lines = [line.strip() for line in str(e).splitlines() if line.strip()]
             return f"{where}: values differ ({'; '.join(lines[1:4])})"
@@ -213,7 +226,11 @@ def check(case: Case) -> tuple[str, str]:
         if list(want) != list(got):
             return "failed", f"outputs {list(want)} became {list(got)}"
         for name in want:
-            if (reason := compare(want[name], got[name], exact_values, f"data set {i} output {name!r}")) is not None:
+            if (
+                reason := compare(
+                    want[name], got[name], exact_values, f"data set {i} output {name!r}"
+                )
+            ) is not None:
                 return "failed", reason
     return "ok", ""
 
@@ -234,7 +251,10 @@ class CaseTimeout(BaseException):
 def time_limit(seconds: int):
     """Raise CaseTimeout in the main thread after ``seconds``, and every second after that until it
     gets out (POSIX; elsewhere no limit)."""
-    if not hasattr(signal, "setitimer") or threading.current_thread() is not threading.main_thread():
+    if (
+        not hasattr(signal, "setitimer")
+        or threading.current_thread() is not threading.main_thread()
+    ):
         yield
         return
 
@@ -250,7 +270,9 @@ def time_limit(seconds: int):
         signal.signal(signal.SIGALRM, previous)
 
 
-def run_cases(names: list[str] | None = None) -> tuple[dict[str, int], list[tuple[str, str]], float]:
+def run_cases(
+    names: list[str] | None = None,
+) -> tuple[dict[str, int], list[tuple[str, str]], float]:
     start = time.perf_counter()
     counts = {"ok": 0, "failed": 0, "unusable": 0}
     failures = []
@@ -274,7 +296,10 @@ def run_cases(names: list[str] | None = None) -> tuple[dict[str, int], list[tupl
 
 def test_default_passes_keep_backend_outputs():
     counts, failures, seconds = run_cases()
-    summary = f"conformance: {counts['ok']} ok, {counts['failed']} failed, {counts['unusable']} unusable in {seconds:.0f} s"
+    summary = (
+        f"conformance: {counts['ok']} ok, {counts['failed']} failed, "
+        f"{counts['unusable']} unusable in {seconds:.0f} s"
+    )
     print("\n" + summary)
     listing = "\n".join(f"  {name}: {reason}" for name, reason in failures)
     assert not failures, f"{summary}\n{listing}"
@@ -285,4 +310,6 @@ if __name__ == "__main__":
     counts, failures, seconds = run_cases(sys.argv[1:] or None)
     for name, reason in failures:
         print(f"FAILED {name}: {reason}")
-    print(f"{counts['ok']} ok, {counts['failed']} failed, {counts['unusable']} unusable in {seconds:.1f} s")
+    print(
+        f"{counts['ok']} ok, {counts['failed']} failed, {counts['unusable']} unusable in {seconds:.1f} s"
+    )

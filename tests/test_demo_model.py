@@ -40,7 +40,17 @@ def test_runs_in_onnxruntime():
 
 def test_contains_the_planted_clutter():
     ops = [n.op_type for n in _model().graph.node]
-    for op in ("Constant", "Identity", "Dropout", "Cast", "Shape", "Gather", "Unsqueeze", "Concat", "Reshape"):
+    for op in (
+        "Constant",
+        "Identity",
+        "Dropout",
+        "Cast",
+        "Shape",
+        "Gather",
+        "Unsqueeze",
+        "Concat",
+        "Reshape",
+    ):
         assert op in ops, op
     assert ops.count("Transpose") >= 3
 

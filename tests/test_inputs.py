@@ -12,8 +12,15 @@ from onnxopt.inputs import InputSpec, generate, parse_ranges
 
 @pytest.fixture
 def model():
-    nodes = [helper.make_node("Cast", ["ids"], ["ids_f"], to=F), helper.make_node("Add", ["x", "ids_f"], ["y"])]
-    proto = make_model(nodes, [("x", F, ["batch", 4]), ("ids", TensorProto.INT64, ["batch", 4])], [("y", F, ["batch", 4])])
+    nodes = [
+        helper.make_node("Cast", ["ids"], ["ids_f"], to=F),
+        helper.make_node("Add", ["x", "ids_f"], ["y"]),
+    ]
+    proto = make_model(
+        nodes,
+        [("x", F, ["batch", 4]), ("ids", TensorProto.INT64, ["batch", 4])],
+        [("y", F, ["batch", 4])],
+    )
     return ir.serde.deserialize_model(proto)
 
 
@@ -39,7 +46,9 @@ def test_generated_inputs_are_seeded_and_ranged(model):
     assert np.all(feeds[1]["x"] == 0) and np.all(feeds[1]["ids"] == 0)
 
 
-@pytest.mark.parametrize("spec, message", [("x=1", "bad --range"), ("x=3,1", "LO <= HI"), ("=1,2", "bad --range")])
+@pytest.mark.parametrize(
+    "spec, message", [("x=1", "bad --range"), ("x=3,1", "LO <= HI"), ("=1,2", "bad --range")]
+)
 def test_bad_ranges(spec, message):
     with pytest.raises(UsageError, match=message):
         parse_ranges([spec])
@@ -47,13 +56,17 @@ def test_bad_ranges(spec, message):
 
 def test_npz_rows_of_the_batch_axis_in_batches_with_a_limit(model, tmp_path):
     x = np.arange(10 * 4, dtype=np.float32).reshape(10, 4)
-    ids = np.arange(10 * 4, dtype=np.int32).reshape(10, 4)  # int32 values fit int64: cast, with a notice
+    ids = np.arange(10 * 4, dtype=np.int32).reshape(
+        10, 4
+    )  # int32 values fit int64: cast, with a notice
     np.savez(tmp_path / "d.npz", x=x, ids=ids, names=np.array(["ignored"]))
     spec = InputSpec(data=tmp_path / "d.npz", batch=4)
     feeds, notices = batches(spec, model)
     assert [f["x"].shape[0] for f in feeds] == [4, 4, 2]
     np.testing.assert_array_equal(np.concatenate([f["x"] for f in feeds]), x)
-    assert feeds[0]["ids"].dtype == np.int64 and notices == ["ids: int32 values in d.npz cast to int64"]
+    assert feeds[0]["ids"].dtype == np.int64 and notices == [
+        "ids: int32 values in d.npz cast to int64"
+    ]
     assert spec.count(model) == 10
     limited = InputSpec(data=tmp_path / "d.npz", batch=4, samples=5)
     feeds, _ = batches(limited, model)
@@ -64,7 +77,11 @@ def test_npz_with_a_sample_axis_and_a_folder(model, tmp_path):
     folder = tmp_path / "samples"
     folder.mkdir()
     for i in range(2):  # each file: 3 samples of a [2, 4] batch
-        np.savez(folder / f"{i}.npz", x=np.full((3, 2, 4), i, np.float32), ids=np.zeros((3, 2, 4), np.int64))
+        np.savez(
+            folder / f"{i}.npz",
+            x=np.full((3, 2, 4), i, np.float32),
+            ids=np.zeros((3, 2, 4), np.int64),
+        )
     spec = InputSpec(data=folder)
     feeds, _ = batches(spec, model)
     assert len(feeds) == 6 and all(f["x"].shape == (2, 4) for f in feeds)
@@ -73,7 +90,9 @@ def test_npz_with_a_sample_axis_and_a_folder(model, tmp_path):
 
 
 def test_fixed_batch_dim_splits_rows(tmp_path):
-    proto = make_model([helper.make_node("Relu", ["x"], ["y"])], [("x", F, [2, 3])], [("y", F, [2, 3])])
+    proto = make_model(
+        [helper.make_node("Relu", ["x"], ["y"])], [("x", F, [2, 3])], [("y", F, [2, 3])]
+    )
     model = ir.serde.deserialize_model(proto)
     np.savez(tmp_path / "d.npz", x=np.ones((6, 3), np.float32))
     feeds, _ = batches(InputSpec(data=tmp_path / "d.npz", batch=5), model)
@@ -83,12 +102,18 @@ def test_fixed_batch_dim_splits_rows(tmp_path):
         batches(InputSpec(data=tmp_path / "odd.npz"), model)
 
 
-@pytest.mark.parametrize("arrays, message", [
-    ({"x": np.ones((2, 4), np.float32)}, "no array for input ids"),
-    ({"x": np.ones((2, 2, 2, 4), np.float32), "ids": np.ones((2, 4), np.int64)}, "has rank 4"),
-    ({"x": np.ones((2, 4), np.float32), "ids": np.ones((3, 4), np.int64)}, "different numbers of samples"),
-    ({"x": np.ones((2, 4), np.float32), "ids": np.full((2, 4), 0.5)}, "cannot represent"),
-])
+@pytest.mark.parametrize(
+    "arrays, message",
+    [
+        ({"x": np.ones((2, 4), np.float32)}, "no array for input ids"),
+        ({"x": np.ones((2, 2, 2, 4), np.float32), "ids": np.ones((2, 4), np.int64)}, "has rank 4"),
+        (
+            {"x": np.ones((2, 4), np.float32), "ids": np.ones((3, 4), np.int64)},
+            "different numbers of samples",
+        ),
+        ({"x": np.ones((2, 4), np.float32), "ids": np.full((2, 4), 0.5)}, "cannot represent"),
+    ],
+)
 def test_bad_npz(model, tmp_path, arrays, message):
     np.savez(tmp_path / "d.npz", **arrays)
     with pytest.raises(UsageError, match=message):

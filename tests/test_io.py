@@ -23,7 +23,9 @@ def test_external_data_round_trip(tmp_path):
     assert (tmp_path / "m.onnx.data").stat().st_size == 64 * 64 * 4
     loaded = io.load(out)
     assert io.file_size(out) == out.stat().st_size + 64 * 64 * 4
-    assert isinstance(loaded.graph.initializers["w"].const_value, ir.ExternalTensor)  # memory-mapped, lazy
+    assert isinstance(
+        loaded.graph.initializers["w"].const_value, ir.ExternalTensor
+    )  # memory-mapped, lazy
     x = {"x": np.ones((1, 64), np.float32)}
     expected = run_proto(weighted_model(), x)["y"]
     np.testing.assert_array_equal(compare.run_model(out, x)["y"], expected)
@@ -61,7 +63,9 @@ def test_refuses_to_overwrite_input_or_its_data(tmp_path):
 
 
 def test_short_external_data_is_reported(tmp_path):
-    src = io.save(ir.serde.deserialize_model(weighted_model()), tmp_path / "m.onnx", external_data=True)
+    src = io.save(
+        ir.serde.deserialize_model(weighted_model()), tmp_path / "m.onnx", external_data=True
+    )
     data = tmp_path / "m.onnx.data"
     data.write_bytes(data.read_bytes()[:100])
     with pytest.raises(UsageError, match="too short"):

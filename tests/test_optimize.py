@@ -8,7 +8,7 @@ from helpers import F, make_model
 from onnx import helper
 
 import onnxopt
-from onnxopt.passbase import Outcome, OptPass, run_context
+from onnxopt.passbase import OptPass, Outcome, run_context
 
 
 def linear(path=None):

@@ -87,5 +87,7 @@ def test_a_pass_that_crashes_is_reported():
         def call(self, model):
             raise ZeroDivisionError("boom")
 
-    with pytest.raises(InternalError, match=r"internal error in pass toy-crasher \(ZeroDivisionError: boom\)"):
+    with pytest.raises(
+        InternalError, match=r"internal error in pass toy-crasher \(ZeroDivisionError: boom\)"
+    ):
         onnxopt.run(ir.serde.deserialize_model(chain_model()), [Crasher()])

@@ -20,10 +20,16 @@ def patch_net(kernel=4, tokens=64):
     """A strided Conv (kernel = stride = 4) then a Reshape to a fixed [1, tokens]: it runs only where
     (h / 4) * (w / 4) == tokens, e.g. at 32 x 32, and fails at 1 (the image is smaller than the kernel)."""
     w = np.ones((1, 1, kernel, kernel), np.float32)
-    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], strides=[kernel, kernel]),
-             helper.make_node("Reshape", ["c", "shape"], ["y"])]
-    return make_model(nodes, [("x", F, ["batch", 1, "height", "width"])], [("y", F, [1, tokens])],
-                      {"w": w, "shape": np.array([1, tokens], np.int64)})
+    nodes = [
+        helper.make_node("Conv", ["x", "w"], ["c"], strides=[kernel, kernel]),
+        helper.make_node("Reshape", ["c", "shape"], ["y"]),
+    ]
+    return make_model(
+        nodes,
+        [("x", F, ["batch", 1, "height", "width"])],
+        [("y", F, [1, tokens])],
+        {"w": w, "shape": np.array([1, tokens], np.int64)},
+    )
 
 
 def test_declared_minus_one_zero_and_unnamed_dims_are_dynamic():
@@ -42,7 +48,9 @@ def test_declared_minus_one_zero_and_unnamed_dims_are_dynamic():
 
 def test_dims_that_share_a_name_share_a_size_and_a_given_shape_binds_them():
     nodes = [helper.make_node("Add", ["a", "b"], ["y"])]
-    proto = make_model(nodes, [("a", F, ["n", "seq"]), ("b", F, ["n", "seq"])], [("y", F, ["n", "seq"])])
+    proto = make_model(
+        nodes, [("a", F, ["n", "seq"]), ("b", F, ["n", "seq"])], [("y", F, ["n", "seq"])]
+    )
     assert resolve(_ir(proto)).shapes == {"a": [1, 1], "b": [1, 1]}
     assert resolve(_ir(proto), {"a": [2, 7]}).shapes == {"a": [2, 7], "b": [2, 7]}
     assert resolve(_ir(proto), batch=3).shapes == {"a": [3, 1], "b": [3, 1]}
@@ -64,32 +72,51 @@ def test_a_model_that_fails_at_1_is_searched_until_it_runs():
 def test_one_dim_at_a_time_when_no_joint_size_runs():
     # [n, k]: k must be exactly 48 (a MatMul with a [48, 2] weight); n may be anything.
     nodes = [helper.make_node("MatMul", ["x", "w"], ["y"])]
-    proto = make_model(nodes, [("x", F, ["rows", "k"])], [("y", F, ["rows", 2])], {"w": np.ones((48, 2), np.float32)})
+    proto = make_model(
+        nodes,
+        [("x", F, ["rows", "k"])],
+        [("y", F, ["rows", 2])],
+        {"w": np.ones((48, 2), np.float32)},
+    )
     assert resolve(_ir(proto), prefer=128).shapes == {"x": [1, 48]}  # rows is the batch dim
     nodes = [helper.make_node("MatMul", ["x", "w"], ["y"])]
-    proto = make_model(nodes, [("x", F, [1, "rows", "k"])], [("y", F, [1, "rows", 2])],
-                       {"w": np.ones((48, 2), np.float32)})
+    proto = make_model(
+        nodes,
+        [("x", F, [1, "rows", "k"])],
+        [("y", F, [1, "rows", 2])],
+        {"w": np.ones((48, 2), np.float32)},
+    )
     choice = resolve(_ir(proto), prefer=128)
-    assert choice.shapes == {"x": [1, 128, 48]}  # the joint 48 would do too, but the preferred rows come first
+    assert choice.shapes == {
+        "x": [1, 128, 48]
+    }  # the joint 48 would do too, but the preferred rows come first
 
 
 def test_a_model_that_runs_at_no_size_says_which_shape_to_give():
     nodes = [helper.make_node("Reshape", ["x", "shape"], ["y"])]
-    proto = make_model(nodes, [("x", F, ["n"])], [("y", F, [7])], {"shape": np.array([7], np.int64)})
-    with pytest.raises(UsageError, match=r"runs on none of the \d+ input shapes tried.*--shape x=n.*--inputs"):
+    proto = make_model(
+        nodes, [("x", F, ["n"])], [("y", F, [7])], {"shape": np.array([7], np.int64)}
+    )
+    with pytest.raises(
+        UsageError, match=r"runs on none of the \d+ input shapes tried.*--shape x=n.*--inputs"
+    ):
         resolve(_ir(proto))
 
 
 def test_a_model_with_only_fixed_dims_is_not_run():
     nodes = [helper.make_node("Reshape", ["x", "shape"], ["y"])]
     proto = make_model(nodes, [("x", F, [6])], [("y", F, [7])], {"shape": np.array([7], np.int64)})
-    choice = resolve(_ir(proto))  # it would fail in onnxruntime; nothing to choose, so nothing is tried
+    choice = resolve(
+        _ir(proto)
+    )  # it would fail in onnxruntime; nothing to choose, so nothing is tried
     assert choice.shapes == {"x": [6]} and choice.note() is None
 
 
 def test_integer_and_image_hint_inputs():
     nodes = [helper.make_node("Cast", ["ids"], ["f"], to=F), helper.make_node("Relu", ["f"], ["y"])]
-    proto = make_model(nodes, [("ids", TensorProto.INT64, ["batch", "seq"])], [("y", F, ["batch", "seq"])])
+    proto = make_model(
+        nodes, [("ids", TensorProto.INT64, ["batch", "seq"])], [("y", F, ["batch", "seq"])]
+    )
     assert resolve(_ir(proto), prefer=128).shapes == {"ids": [1, 128]}
     image = patch_net()
     image.metadata_props.add(key="imgsz", value="32")
