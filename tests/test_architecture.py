@@ -64,3 +64,18 @@ def test_a_folder_per_pass_and_a_test_folder_for_each():
     for name in ("fold", "prune", "fuse", "quant", "wquant"):
         assert (ROOT / "passes" / name / "__init__.py").is_file(), name
         assert (ROOT / "tests" / name).is_dir(), name
+
+
+def test_every_pass_folder_is_packaged():
+    try:
+        import tomllib
+    except ImportError:  # Python 3.10
+        import tomli as tomllib
+
+    listed = set(
+        tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
+    )
+    for folder in (ROOT / "passes").rglob("__init__.py"):
+        parts = folder.parent.relative_to(ROOT / "passes").parts
+        name = ".".join(("onnxopt.passes", *parts)).rstrip(".")
+        assert name in listed, f"add {name!r} to [tool.setuptools] packages in pyproject.toml"
