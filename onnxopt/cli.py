@@ -183,6 +183,11 @@ def _print_run(out, say, result) -> None:
         )
 
 
+def _per_output_option(flag: str, metavar: str, help: str):
+    """An option given per output: ``VALUE`` for every output or ``OUTPUT:VALUE``, repeatable."""
+    return click.option(flag, multiple=True, metavar=metavar, help=help)
+
+
 # Options shared by validate, bench and check's inputs.
 def _input_options(f):
     for decorator in reversed(
@@ -260,41 +265,30 @@ def _mean_pools(values: tuple[str, ...]) -> dict[str, str]:
     type=click.IntRange(min=1),
     help="At most this many samples (generated: this many runs) [default: all of --inputs, 1 generated].",
 )
-@click.option(
+@_per_output_option(
     "--atol",
-    multiple=True,
-    metavar="[OUTPUT:]VALUE",
-    help="Absolute tolerance, for every output or one [default 1e-4 unless a --min-* bound is given].",
+    "[OUTPUT:]VALUE",
+    "Absolute tolerance, for every output or one [default 1e-4 unless a --min-* bound is given].",
 )
-@click.option(
+@_per_output_option(
     "--rtol",
-    multiple=True,
-    metavar="[OUTPUT:]VALUE",
-    help="Relative tolerance: |got - ref| <= atol + rtol * |ref| [default 1e-3].",
+    "[OUTPUT:]VALUE",
+    "Relative tolerance: |got - ref| <= atol + rtol * |ref| [default 1e-3].",
 )
-@click.option(
-    "--min-cosine",
-    multiple=True,
-    metavar="[OUTPUT:]VALUE",
-    help="Fail below this cosine similarity (mean over samples).",
+@_per_output_option(
+    "--min-cosine", "[OUTPUT:]VALUE", "Fail below this cosine similarity (mean over samples)."
 )
-@click.option(
-    "--min-snr",
-    multiple=True,
-    metavar="[OUTPUT:]DB",
-    help="Fail below this signal-to-noise ratio in dB.",
-)
+@_per_output_option("--min-snr", "[OUTPUT:]DB", "Fail below this signal-to-noise ratio in dB.")
 @click.option(
     "--min-top1",
     multiple=True,
     metavar="[OUTPUT:]VALUE",
     help="Fail below this top-1 agreement (class-score outputs).",
 )
-@click.option(
+@_per_output_option(
     "--topk",
-    multiple=True,
-    metavar="[OUTPUT:]K",
-    help="Top-k agreement over the last axis (automatic, k=5, for [batch, classes] outputs).",
+    "[OUTPUT:]K",
+    "Top-k agreement over the last axis (automatic, k=5, for [batch, classes] outputs).",
 )
 @click.option(
     "--mean-pool",
