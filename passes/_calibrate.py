@@ -17,10 +17,14 @@ BATCH = 16  # rows of the calibration data per run
 RANDOM_SAMPLES = 8
 
 
-def run_values(model: ir.Model, values: list[ir.Value], calib: str) -> Iterator[dict[str, np.ndarray]]:
+def run_values(
+    model: ir.Model, values: list[ir.Value], calib: str
+) -> Iterator[dict[str, np.ndarray]]:
     """For each batch of the calibration data, the float ``values`` (and the inputs) by name."""
     spec = _spec(calib, warn=True)
-    sess = compare.model_session(model, [v.name for v in values if v.name and v.dtype == ir.DataType.FLOAT])
+    sess = compare.model_session(
+        model, [v.name for v in values if v.name and v.dtype == ir.DataType.FLOAT]
+    )
     runs = 0
     for feeds in spec.batches(model, []):
         results = compare.run_session(sess, feeds)
@@ -34,8 +38,11 @@ def run_values(model: ir.Model, values: list[ir.Value], calib: str) -> Iterator[
 def _spec(calib: str, warn: bool = False, batch: int = BATCH) -> inputs.InputSpec:
     if calib == "random":
         if warn:
-            warnings.warn("pass quant: calibrating on random inputs (calib=random): the ranges will not match real data; "
-                          "pass calib=PATH with real samples for a model you will ship", stacklevel=3)
+            warnings.warn(
+                "pass quant: calibrating on random inputs (calib=random): the ranges will not match real data; "
+                "pass calib=PATH with real samples for a model you will ship",
+                stacklevel=3,
+            )
         return inputs.InputSpec(samples=RANDOM_SAMPLES)
     path = Path(calib)
     if not path.exists():

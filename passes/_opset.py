@@ -16,8 +16,9 @@ from onnxopt import compare, inputs
 from onnxopt.errors import UsageError, one_line
 from onnxopt.shapes import resolve
 
-
-ATOL = RTOL = 1e-5  # how far the converted model's outputs may move: rounding, not a change of meaning
+ATOL = RTOL = (
+    1e-5  # how far the converted model's outputs may move: rounding, not a change of meaning
+)
 
 
 def raise_opset(model: ir.Model, version: int, shapes: dict[str, list[int]], why: str) -> bool:
@@ -27,13 +28,21 @@ def raise_opset(model: ir.Model, version: int, shapes: dict[str, list[int]], why
     if current >= version:
         return False
     try:
-        proto = _c_api_utils.call_onnx_api(lambda p: onnx.version_converter.convert_version(p, version), model)
+        proto = _c_api_utils.call_onnx_api(
+            lambda p: onnx.version_converter.convert_version(p, version), model
+        )
     except Exception as e:
-        raise UsageError(f"pass quant: {why} needs opset {version}; onnx's version converter failed from opset "
-                         f"{current}: {one_line(e)}") from None
+        raise UsageError(
+            f"pass quant: {why} needs opset {version}; onnx's version converter failed from opset "
+            f"{current}: {one_line(e)}"
+        ) from None
     converted = _with_tensors(ir.serde.deserialize_model(proto), model)
-    converted.ir_version = max(model.ir_version, 10)  # int4 and uint4 tensors came with IR version 10
-    _require_same_outputs(model, converted, shapes, f"{why}: the conversion from opset {current} to {version}")
+    converted.ir_version = max(
+        model.ir_version, 10
+    )  # int4 and uint4 tensors came with IR version 10
+    _require_same_outputs(
+        model, converted, shapes, f"{why}: the conversion from opset {current} to {version}"
+    )
     model.graph = converted.graph
     model.ir_version = converted.ir_version
     return True
@@ -42,7 +51,11 @@ def raise_opset(model: ir.Model, version: int, shapes: dict[str, list[int]], why
 def _with_tensors(converted: ir.Model, original: ir.Model) -> ir.Model:
     """Give back the initializers that travelled as graph inputs through the converter (the small
     ones travelled as both)."""
-    tensors = {name: v.const_value for name, v in original.graph.initializers.items() if v.const_value is not None}
+    tensors = {
+        name: v.const_value
+        for name, v in original.graph.initializers.items()
+        if v.const_value is not None
+    }
     real_inputs = {v.name for v in original.graph.inputs}
     graph = converted.graph
     for value in list(graph.inputs):
@@ -56,15 +69,25 @@ def _with_tensors(converted: ir.Model, original: ir.Model) -> ir.Model:
     return converted
 
 
-def _require_same_outputs(before: ir.Model, after: ir.Model, shapes: dict[str, list[int]], what: str) -> None:
+def _require_same_outputs(
+    before: ir.Model, after: ir.Model, shapes: dict[str, list[int]], what: str
+) -> None:
     feeds = inputs.generate(before, resolve(before, shapes).shapes)[0]
     try:
         expected = compare.run_ir(before, feeds)
         got = compare.run_ir(after, feeds)
     except Exception as e:  # onnxruntime's own errors
-        raise UsageError(f"pass quant: {what} could not be checked in onnxruntime on generated inputs "
-                         f"(give their shapes with --shape NAME=DIMS): {one_line(e)}") from None
+        raise UsageError(
+            f"pass quant: {what} could not be checked in onnxruntime on generated inputs "
+            f"(give their shapes with --shape NAME=DIMS): {one_line(e)}"
+        ) from None
     for name, ref in expected.items():
-        if name not in got or got[name].shape != ref.shape or not np.allclose(got[name], ref, atol=ATOL, rtol=RTOL, equal_nan=True):
-            raise UsageError(f"pass quant: {what} changed output {name} in onnxruntime; convert the model yourself "
-                             "or use format=ort")
+        if (
+            name not in got
+            or got[name].shape != ref.shape
+            or not np.allclose(got[name], ref, atol=ATOL, rtol=RTOL, equal_nan=True)
+        ):
+            raise UsageError(
+                f"pass quant: {what} changed output {name} in onnxruntime; convert the model yourself "
+                "or use format=ort"
+            )

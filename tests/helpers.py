@@ -20,7 +20,9 @@ def make_model(nodes, inputs, outputs, initializers=(), opset=17) -> onnx.ModelP
         "test",
         [helper.make_tensor_value_info(*i) for i in inputs],
         [helper.make_tensor_value_info(*o) for o in outputs],
-        initializer=[numpy_helper.from_array(np.asarray(v), k) for k, v in dict(initializers).items()],
+        initializer=[
+            numpy_helper.from_array(np.asarray(v), k) for k, v in dict(initializers).items()
+        ],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
     model.ir_version = 8
@@ -54,9 +56,13 @@ def classifier(path, *, noise: float = 0.0, classes: int = 10, seed: int = 0):
     """A saved [batch, 8] → [batch, classes] linear classifier; ``noise`` perturbs its weights."""
     rng = np.random.default_rng(seed)
     weight = rng.standard_normal((8, classes)).astype(np.float32)
-    weight += noise * np.random.default_rng(seed + 1).standard_normal(weight.shape).astype(np.float32)
+    weight += noise * np.random.default_rng(seed + 1).standard_normal(weight.shape).astype(
+        np.float32
+    )
     nodes = [helper.make_node("MatMul", ["x", "w"], ["logits"])]
-    model = make_model(nodes, [("x", F, ["batch", 8])], [("logits", F, ["batch", classes])], {"w": weight})
+    model = make_model(
+        nodes, [("x", F, ["batch", 8])], [("logits", F, ["batch", classes])], {"w": weight}
+    )
     onnx.save(model, str(path))
     return path
 

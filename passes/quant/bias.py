@@ -56,12 +56,23 @@ def _conv_shift(dw: np.ndarray, mean: np.ndarray, group: int) -> np.ndarray | No
     return (summed * mean.reshape(group, per_group)[group_of]).sum(1)
 
 
-def corrected_bias(node: ir.Node, w: np.ndarray, w_dequantized: np.ndarray, bias: np.ndarray | None,
-                   mean: np.ndarray) -> np.ndarray | None:
+def corrected_bias(
+    node: ir.Node,
+    w: np.ndarray,
+    w_dequantized: np.ndarray,
+    bias: np.ndarray | None,
+    mean: np.ndarray,
+) -> np.ndarray | None:
     """The bias (float32 [O]; zeros when there was none) minus the shift the int8 weight adds; None when
     the node or the bias's shape does not allow it."""
-    shift = output_shift(node, w_dequantized.astype(np.float64) - w.astype(np.float64), np.asarray(mean, np.float64))
+    shift = output_shift(
+        node, w_dequantized.astype(np.float64) - w.astype(np.float64), np.asarray(mean, np.float64)
+    )
     if shift is None or (bias is not None and bias.size not in (1, shift.size)):
         return None
-    b = np.zeros(shift.size) if bias is None else np.broadcast_to(bias.astype(np.float64).reshape(-1), shift.shape)
+    b = (
+        np.zeros(shift.size)
+        if bias is None
+        else np.broadcast_to(bias.astype(np.float64).reshape(-1), shift.shape)
+    )
     return (b - shift).astype(np.float32)

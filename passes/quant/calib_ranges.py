@@ -44,12 +44,18 @@ class RangeCollector:
         self._neg += self._bin_counts(-a[a < 0])
         self._pos += self._bin_counts(a[a > 0])
 
-    def range(self, method: str = "percentile", percentile: float = 99.99, symmetric: bool = False) -> tuple[float, float]:
+    def range(
+        self, method: str = "percentile", percentile: float = 99.99, symmetric: bool = False
+    ) -> tuple[float, float]:
         """(lo, hi) with lo <= 0 <= hi; (-t, t) when ``symmetric``."""
         if method not in METHODS:
-            raise ValueError(f"RangeCollector.range: unknown method {method!r}, expected one of {', '.join(METHODS)}")
+            raise ValueError(
+                f"RangeCollector.range: unknown method {method!r}, expected one of {', '.join(METHODS)}"
+            )
         if not 0 < percentile <= 100:
-            raise ValueError(f"RangeCollector.range: percentile must be in (0, 100], got {percentile}")
+            raise ValueError(
+                f"RangeCollector.range: percentile must be in (0, 100], got {percentile}"
+            )
         if not self._count:
             raise ValueError("RangeCollector.range: no finite values seen yet, call update() first")
         if self._width is None:
@@ -109,7 +115,9 @@ class RangeCollector:
     def _entropy_range(self, symmetric: bool) -> tuple[float, float]:
         """Clipping range minimizing the KL divergence to the 8-bit quantized histogram."""
         neg, pos = self._neg.copy(), self._pos.copy()
-        pos[0] += self._zeros  # within one bin of 0, and it keeps bin 0 non-empty where zeros are common
+        pos[0] += (
+            self._zeros
+        )  # within one bin of 0, and it keeps bin 0 non-empty where zeros are common
         if symmetric:
             t = self._entropy_symmetric(neg + pos)
             return -t, t
@@ -122,8 +130,12 @@ class RangeCollector:
         if n <= 128:
             return amax
         clipped = h.sum() - np.cumsum(h)  # clipped[i - 1]: the count beyond i bins
-        kl = [_kl_divergence(h[:i], 0, int(clipped[i - 1]), 128) if 2 * clipped[i - 1] <= h.sum() else np.inf
-              for i in range(128, n + 1)]
+        kl = [
+            _kl_divergence(h[:i], 0, int(clipped[i - 1]), 128)
+            if 2 * clipped[i - 1] <= h.sum()
+            else np.inf
+            for i in range(128, n + 1)
+        ]
         return min((128 + int(np.argmin(kl))) * self._width, amax)
 
     def _entropy_asymmetric(self, neg: np.ndarray, pos: np.ndarray) -> tuple[float, float]:
@@ -136,10 +148,10 @@ class RangeCollector:
         best, best_ab = np.inf, (nneg, npos)
         for i in range(1, max(nneg, npos) + 1):
             a, b = min(i, nneg), min(i, npos)
-            left, right = int(signed[:c - a].sum()), int(signed[c + b:].sum())
+            left, right = int(signed[: c - a].sum()), int(signed[c + b :].sum())
             if a + b < 256 or 2 * (left + right) > total:
                 continue
-            kl = _kl_divergence(signed[c - a:c + b], left, right, 256)
+            kl = _kl_divergence(signed[c - a : c + b], left, right, 256)
             if kl < best:
                 best, best_ab = kl, (a, b)
         a, b = best_ab

@@ -13,9 +13,17 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxopt.passes._calibrate import channel_max, outlier_channels
-from onnxopt.passes._common import add_initializer, constant, fresh_name, graphs_of, is_standard, rank, replace_value
-from onnxopt.passes.quant.qmath import quantize_symmetric
+from onnxopt.passes._common import (
+    add_initializer,
+    constant,
+    fresh_name,
+    graphs_of,
+    is_standard,
+    rank,
+    replace_value,
+)
 from onnxopt.passes.quant.ort_profile import scope
+from onnxopt.passes.quant.qmath import quantize_symmetric
 
 SOURCE_OP = "quant.source_op"  # meta key: the op a MatMulInteger replaced
 
@@ -25,8 +33,13 @@ def dynamic_quantizer(model: ir.Model, options):
     nodes of a float model, with outlier channels found here once; ``scopes`` are those it can quantize,
     ``timed`` those whose int8 is for speed (an int8 embedding table is for size: it stays whatever its
     DequantizeLinear costs). ``None`` when there are none."""
-    wanted = set(options.op_types.split("|"))
-    nodes = [n for g in graphs_of(model) for n in g if is_standard(n, *wanted) and not options.excluded(n)]
+    wanted = set(options.op_types)
+    nodes = [
+        n
+        for g in graphs_of(model)
+        for n in g
+        if is_standard(n, *wanted) and not options.excluded(n)
+    ]
     if not nodes:
         return None
     outliers = find_outliers(model, nodes, options) if options.calib else {}
@@ -36,10 +49,15 @@ def dynamic_quantizer(model: ir.Model, options):
         for graph in graphs_of(target):
             shared: dict[ir.Value, tuple] = {}
             for node in list(graph):
-                if node.graph is not graph or not is_standard(node, *wanted) or options.excluded(node) or scope(node) in keep_float:
+                if (
+                    node.graph is not graph
+                    or not is_standard(node, *wanted)
+                    or options.excluded(node)
+                    or scope(node) in keep_float
+                ):
                     continue
                 if node.op_type == "Gather":
-                    modified |= quantize_gather(node, options)
+                    modified |= quantize_gather(node, options.per_channel)
                 else:
                     modified |= quantize_matmul(node, options, outliers, shared)
         return modified
@@ -52,7 +70,11 @@ def find_outliers(model: ir.Model, nodes: list[ir.Node], options) -> dict[str, n
     """Per quantized input (by name), the channels whose range dwarfs the rest (per-tensor int8 would lose the rest)."""
     xs = {node.inputs[0] for node in nodes if node.op_type != "Gather" and _weight(node)}
     ranges = channel_max(model, list(xs), options.calib)
-    found = {x.name: outlier_channels(ranges[x.name], options.outliers, options.max_outliers) for x in xs if x.name in ranges}
+    found = {
+        x.name: outlier_channels(ranges[x.name], options.outliers, options.max_outliers)
+        for x in xs
+        if x.name in ranges
+    }
     return {name: cols for name, cols in found.items() if cols.size}
 
 
@@ -72,20 +94,26 @@ def quantize_matmul(node: ir.Node, options, outliers: dict, shared: dict) -> boo
     # without the outliers the weights fill the int8 range densely, and non-VNNI kernels would saturate
     q, scale = quantize_symmetric(w, axis, reduce_range=options.reduce_range or cols is not None)
     wq = add_initializer(graph, q, fresh_name(graph, base, "weight_int8"))
-    wzp = add_initializer(graph, np.zeros(scale.shape, np.int8), fresh_name(graph, base, "weight_zero_point"))
+    wzp = add_initializer(
+        graph, np.zeros(scale.shape, np.int8), fresh_name(graph, base, "weight_zero_point")
+    )
     wscale = add_initializer(graph, scale, fresh_name(graph, base, "weight_scale"))
     new = []
     if x not in shared:
         new += _quantize_input(x, cols, w.shape[0], base, shared)
     xq, xscale, xzp, outlying = shared[x]
     acc = ir.node("MatMulInteger", [xq, wq, xzp, wzp], name=f"{base}.int8")
-    acc.meta[SOURCE_OP] = node.op_type  # MatMul and Gemm look alike once rewritten; the report names which
+    acc.meta[SOURCE_OP] = (
+        node.op_type
+    )  # MatMul and Gemm look alike once rewritten; the report names which
     as_float = ir.node("Cast", [acc.outputs[0]], {"to": ir.DataType.FLOAT}, name=f"{base}.cast")
     scales = ir.node("Mul", [xscale, wscale], name=f"{base}.scale")
     out = ir.node("Mul", [as_float.outputs[0], scales.outputs[0]], name=f"{base}.dequantize")
     new += [acc, as_float, scales, out]
     if cols is not None:  # the outlier channels, in float
-        wf = add_initializer(graph, np.ascontiguousarray(kept), fresh_name(graph, base, "outlier_weight"))
+        wf = add_initializer(
+            graph, np.ascontiguousarray(kept), fresh_name(graph, base, "outlier_weight")
+        )
         rest = ir.node("MatMul", [outlying, wf], name=f"{base}.outliers")
         out = ir.node("Add", [new[-1].outputs[0], rest.outputs[0]], name=f"{base}.with_outliers")
         new += [rest, out]
@@ -96,7 +124,9 @@ def quantize_matmul(node: ir.Node, options, outliers: dict, shared: dict) -> boo
     return True
 
 
-def _quantize_input(x: ir.Value, cols: np.ndarray | None, k: int, base: str, shared: dict) -> list[ir.Node]:
+def _quantize_input(
+    x: ir.Value, cols: np.ndarray | None, k: int, base: str, shared: dict
+) -> list[ir.Node]:
     """DynamicQuantizeLinear of ``x``; with outlier channels, of ``x`` without them, and those apart."""
     if cols is None:
         dql = ir.node("DynamicQuantizeLinear", [x], num_outputs=3, name=f"{base}.quantize_input")
@@ -105,31 +135,51 @@ def _quantize_input(x: ir.Value, cols: np.ndarray | None, k: int, base: str, sha
     graph = next(iter(x.uses())).node.graph
     mask = np.ones(k, np.float32)
     mask[cols] = 0
-    keep = ir.node("Mul", [x, add_initializer(graph, mask, fresh_name(graph, base, "inlier_mask"))], name=f"{base}.inliers")
-    pick = ir.node("Gather", [x, add_initializer(graph, cols, fresh_name(graph, base, "outlier_channels"))],
-                   {"axis": -1}, name=f"{base}.outliers_of_input")
-    dql = ir.node("DynamicQuantizeLinear", [keep.outputs[0]], num_outputs=3, name=f"{base}.quantize_input")
+    keep = ir.node(
+        "Mul",
+        [x, add_initializer(graph, mask, fresh_name(graph, base, "inlier_mask"))],
+        name=f"{base}.inliers",
+    )
+    pick = ir.node(
+        "Gather",
+        [x, add_initializer(graph, cols, fresh_name(graph, base, "outlier_channels"))],
+        {"axis": -1},
+        name=f"{base}.outliers_of_input",
+    )
+    dql = ir.node(
+        "DynamicQuantizeLinear", [keep.outputs[0]], num_outputs=3, name=f"{base}.quantize_input"
+    )
     shared[x] = (*dql.outputs, pick.outputs[0])
     return [keep, pick, dql]
 
 
-def quantize_gather(node: ir.Node, options) -> bool:
-    """Gather on a float embedding table → Gather on an int8 table, then DequantizeLinear."""
+def quantize_gather(node: ir.Node, per_channel: bool) -> bool:
+    """Gather on a float embedding table → Gather on an int8 table, then DequantizeLinear (one scale
+    per embedding dim with ``per_channel``, else one for the table)."""
     table = constant(node.inputs[0])
     indices = node.inputs[1]
-    if table is None or table.dtype != np.float32 or table.ndim != 2 or node.attributes.get_int("axis", 0) != 0:
+    if (
+        table is None
+        or table.dtype != np.float32
+        or table.ndim != 2
+        or node.attributes.get_int("axis", 0) != 0
+    ):
         return False
     if indices is None or rank(indices) is None:
         return False
-    q, scale = quantize_symmetric(table, 1 if options.per_channel else None, reduce_range=False)
+    q, scale = quantize_symmetric(table, 1 if per_channel else None, reduce_range=False)
     graph = node.graph
     base = node.name or node.outputs[0].name or "gather"
     tq = add_initializer(graph, q, fresh_name(graph, base, "table_int8"))
     ts = add_initializer(graph, scale, fresh_name(graph, base, "table_scale"))
-    tzp = add_initializer(graph, np.zeros(scale.shape, np.int8), fresh_name(graph, base, "table_zero_point"))
+    tzp = add_initializer(
+        graph, np.zeros(scale.shape, np.int8), fresh_name(graph, base, "table_zero_point")
+    )
     lookup = ir.node("Gather", [tq, indices], {"axis": 0}, name=f"{base}.int8")
-    attributes = {"axis": -1} if options.per_channel else {}
-    dq = ir.node("DequantizeLinear", [lookup.outputs[0], ts, tzp], attributes, name=f"{base}.dequantize")
+    attributes = {"axis": -1} if per_channel else {}
+    dq = ir.node(
+        "DequantizeLinear", [lookup.outputs[0], ts, tzp], attributes, name=f"{base}.dequantize"
+    )
     _replace(node, [lookup, dq])
     return True
 
@@ -153,7 +203,9 @@ def _weight(node: ir.Node) -> tuple[ir.Value, np.ndarray, np.ndarray | None] | N
     if len(node.inputs) > 2 and node.inputs[2] is not None:
         if bias is None or bias.size not in (1, w.shape[1]) or bias.ndim > 1:
             return None
-        bias = np.broadcast_to(bias.astype(np.float32) * np.float32(a.get_float("beta", 1.0)), (w.shape[1],)).copy()
+        bias = np.broadcast_to(
+            bias.astype(np.float32) * np.float32(a.get_float("beta", 1.0)), (w.shape[1],)
+        ).copy()
     return x, np.ascontiguousarray(w), bias
 
 
@@ -164,12 +216,16 @@ def _replace(node: ir.Node, new: list[ir.Node]) -> None:
     out.shape, out.type = old.shape, old.type
     replace_value(old, out)
     node.graph.remove(node, safe=True)
-    if not out.is_graph_output():  # the result keeps its name, so reports can match it to the float model's
+    if (
+        not out.is_graph_output()
+    ):  # the result keeps its name, so reports can match it to the float model's
         name, old.name = old.name, None
         out.name = name
 
 
 def dynamic_matmuls(model: ir.Model, options) -> list[ir.Node]:
     """The main graph's MatMul and Gemm nodes that ``quantize_matmul`` rewrites."""
-    wanted = set(options.op_types.split("|")) - {"Gather"}
-    return [n for n in model.graph if is_standard(n, *wanted) and not options.excluded(n) and _weight(n)]
+    wanted = set(options.op_types) - {"Gather"}
+    return [
+        n for n in model.graph if is_standard(n, *wanted) and not options.excluded(n) and _weight(n)
+    ]

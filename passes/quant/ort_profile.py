@@ -29,7 +29,9 @@ def scope_of(name: str) -> str:
     return name.rsplit("/", 1)[0] if "/" in name.strip("/") else name
 
 
-def scope_times(models: list[ir.Model], feeds: dict[str, np.ndarray], owners: dict[str, str]) -> list[dict[str, float]]:
+def scope_times(
+    models: list[ir.Model], feeds: dict[str, np.ndarray], owners: dict[str, str]
+) -> list[dict[str, float]]:
     """For each model, the median microseconds its kernels spend per run, summed by scope.
 
     ``owners`` maps node names to scopes; kernels of nodes that onnxruntime made (layout changes,
@@ -39,7 +41,9 @@ def scope_times(models: list[ir.Model], feeds: dict[str, np.ndarray], owners: di
         sessions = []
         for i, model in enumerate(models):
             path = io.save(model, Path(folder, f"model{i}.onnx"))
-            sessions.append(runtime.session(path, optimize=True, profile=str(Path(folder, f"profile{i}"))))
+            sessions.append(
+                runtime.session(path, optimize=True, profile=str(Path(folder, f"profile{i}")))
+            )
         for _ in range(WARMUP):
             for sess in sessions:
                 sess.run(None, feeds)

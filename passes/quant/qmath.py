@@ -15,7 +15,9 @@ def symmetric_scale(w: np.ndarray, axis: int | None, qmax: int) -> np.ndarray:
     return np.where(scale > 0, scale, 1.0)
 
 
-def quantize_symmetric(w: np.ndarray, axis: int | None = None, *, reduce_range: bool = False) -> tuple[np.ndarray, np.ndarray]:
+def quantize_symmetric(
+    w: np.ndarray, axis: int | None = None, *, reduce_range: bool = False
+) -> tuple[np.ndarray, np.ndarray]:
     """int8 values and float32 scales with w ≈ q * scale (zero point 0); 7 bits with ``reduce_range``."""
     qmax = 63 if reduce_range else 127
     scale = symmetric_scale(w.astype(np.float64), axis, qmax)
@@ -26,12 +28,17 @@ def quantize_symmetric(w: np.ndarray, axis: int | None = None, *, reduce_range: 
     return q, scale.astype(np.float32)
 
 
-def dequantize(q: np.ndarray, scale: np.ndarray, zero_point: np.ndarray | int = 0, axis: int | None = None) -> np.ndarray:
+def dequantize(
+    q: np.ndarray, scale: np.ndarray, zero_point: np.ndarray | int = 0, axis: int | None = None
+) -> np.ndarray:
     shape = [1] * q.ndim
     if axis is not None:
         shape[axis] = -1
     zp = np.asarray(zero_point, np.float64).reshape(shape if np.ndim(zero_point) else ())
-    return ((q.astype(np.float64) - zp) * np.asarray(scale, np.float64).reshape(shape if np.ndim(scale) else ())).astype(np.float32)
+    return (
+        (q.astype(np.float64) - zp)
+        * np.asarray(scale, np.float64).reshape(shape if np.ndim(scale) else ())
+    ).astype(np.float32)
 
 
 def dynamic_uint8(x: np.ndarray) -> tuple[np.ndarray, np.float32, np.uint8]:

@@ -12,17 +12,23 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxopt import compare
-
 from onnxopt.passes.quant.ort_profile import scope, scope_times
 
 QDQ = ("QuantizeLinear", "DequantizeLinear")
 Quantizer = Callable[[ir.Model, set], object]
 EVAL_ROWS = 8  # calibration samples the accuracy searches check each candidate on
-MARGIN = 0.1  # int8 must be this much slower in the profile before a scope goes back to float (noise)
+MARGIN = (
+    0.1  # int8 must be this much slower in the profile before a scope goes back to float (noise)
+)
 
 
-def keep_float_for_accuracy(float_model: ir.Model, scopes: list[str], quantize: Quantizer,
-                            feeds: dict[str, np.ndarray], min_cosine: float) -> set[str]:
+def keep_float_for_accuracy(
+    float_model: ir.Model,
+    scopes: list[str],
+    quantize: Quantizer,
+    feeds: dict[str, np.ndarray],
+    min_cosine: float,
+) -> set[str]:
     """The fewest scopes to leave in float so that the outputs keep ``min_cosine`` on ``feeds``.
 
     Quantized whole, the model is checked first. Below the budget, each scope is quantized alone to
@@ -50,14 +56,21 @@ def keep_float_for_accuracy(float_model: ir.Model, scopes: list[str], quantize: 
     return set(ranked[:high])
 
 
-def worst_cosine(reference: dict[str, np.ndarray], model: ir.Model, feeds: dict[str, np.ndarray]) -> float:
+def worst_cosine(
+    reference: dict[str, np.ndarray], model: ir.Model, feeds: dict[str, np.ndarray]
+) -> float:
     """The lowest cosine of ``model``'s outputs on ``feeds`` against the ``reference`` outputs."""
     got = compare.run_ir(model, feeds)
     return min(compare.compare_arrays(k, reference[k], got[k], 0.0, 0.0).cosine for k in reference)
 
 
-def keep_float_for_speed(float_model: ir.Model, scopes: list[str], quantize: Quantizer, kept: set[str],
-                         feeds: dict[str, np.ndarray]) -> tuple[set[str], list[tuple[str, float, float]]]:
+def keep_float_for_speed(
+    float_model: ir.Model,
+    scopes: list[str],
+    quantize: Quantizer,
+    kept: set[str],
+    feeds: dict[str, np.ndarray],
+) -> tuple[set[str], list[tuple[str, float, float]]]:
     """Scopes whose int8 kernels are slower than their float ones, profiled side by side in onnxruntime.
 
     Returns them and, per scope, (scope, float µs, int8 µs). A scope's int8 time includes the
@@ -69,8 +82,11 @@ def keep_float_for_speed(float_model: ir.Model, scopes: list[str], quantize: Qua
     owners = _owners(float_model)
     owners.update(_owners(trial, owners))
     fp, q = scope_times([float_model, trial], feeds, owners)
-    rows = sorted(((s, fp.get(s, 0.0), q.get(s, 0.0)) for s in set(fp) | set(q) if s),
-                  key=lambda r: r[2] - r[1], reverse=True)
+    rows = sorted(
+        ((s, fp.get(s, 0.0), q.get(s, 0.0)) for s in set(fp) | set(q) if s),
+        key=lambda r: r[2] - r[1],
+        reverse=True,
+    )
     slower = {s for s, f, i in rows if i > f * (1 + MARGIN) and s in scopes and s not in kept}
     return slower, rows
 

@@ -13,10 +13,18 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxopt.passes._calibrate import channel_max
-from onnxopt.passes._common import add_initializer, constant, fresh_name, is_standard, producer, single_use
+from onnxopt.passes._common import (
+    add_initializer,
+    constant,
+    fresh_name,
+    is_standard,
+    producer,
+    single_use,
+)
 
 SCALE_RANGE = (1e-5, 1e5)
-SMOOTHING = "quant.smoothing"  # meta key of an inserted Mul: static mode leaves it in float, where x's outliers are harmless
+# meta key of an inserted Mul: static mode leaves it in float, where x's outliers are harmless
+SMOOTHING = "quant.smoothing"
 
 
 def smooth_inputs(model: ir.Model, nodes: list[ir.Node], alpha: float, calib: str) -> int:
@@ -36,7 +44,14 @@ def smooth_inputs(model: ir.Model, nodes: list[ir.Node], alpha: float, calib: st
         for node, (w, axis) in zip(readers, weights):
             shape = (-1, 1) if axis == 0 else (1, -1)
             scaled = (w.astype(np.float64) * s.reshape(shape)).astype(np.float32)
-            node.replace_input_with(1, add_initializer(node.graph, scaled, fresh_name(node.graph, node.name or x.name, "smoothed_weight")))
+            node.replace_input_with(
+                1,
+                add_initializer(
+                    node.graph,
+                    scaled,
+                    fresh_name(node.graph, node.name or x.name, "smoothed_weight"),
+                ),
+            )
         if not (_fold_into_layernorm(x, readers, s) or _fold_into_affine(x, readers, s)):
             _insert_mul(x, readers, s)
         smoothed += 1
@@ -57,7 +72,13 @@ def _groups(nodes: list[ir.Node]) -> dict[ir.Value, list[ir.Node]]:
     groups: dict[ir.Value, list[ir.Node]] = {}
     for node in nodes:
         x = node.inputs[0]
-        if x is not None and x.name and x.dtype == ir.DataType.FLOAT and constant(x) is None and _rows(node) is not None:
+        if (
+            x is not None
+            and x.name
+            and x.dtype == ir.DataType.FLOAT
+            and constant(x) is None
+            and _rows(node) is not None
+        ):
             groups.setdefault(x, []).append(node)
     return groups
 
@@ -78,7 +99,9 @@ def _rows(node: ir.Node) -> tuple[np.ndarray, int] | None:
 
 def _only_read_by(x: ir.Value, readers: list[ir.Node]) -> bool:
     """Whether dividing ``x`` itself changes what no other node sees (Shape only reads its shape)."""
-    return not x.is_graph_output() and all(u.node in readers or is_standard(u.node, "Shape") for u in x.uses())
+    return not x.is_graph_output() and all(
+        u.node in readers or is_standard(u.node, "Shape") for u in x.uses()
+    )
 
 
 def _per_channel(c: np.ndarray | None, k: int) -> bool:
@@ -89,7 +112,9 @@ def _per_channel(c: np.ndarray | None, k: int) -> bool:
 def _divide(node: ir.Node, index: int, c: np.ndarray, s: np.ndarray) -> None:
     graph = node.graph
     value = (c.astype(np.float64) / s).astype(np.float32)
-    node.replace_input_with(index, add_initializer(graph, value, fresh_name(graph, node.inputs[index].name, "smoothed")))
+    node.replace_input_with(
+        index, add_initializer(graph, value, fresh_name(graph, node.inputs[index].name, "smoothed"))
+    )
 
 
 def _fold_into_layernorm(x: ir.Value, readers: list[ir.Node], s: np.ndarray) -> bool:
@@ -101,7 +126,11 @@ def _fold_into_layernorm(x: ir.Value, readers: list[ir.Node], s: np.ndarray) -> 
     bias = constant(ln.inputs[2]) if len(ln.inputs) > 2 and ln.inputs[2] is not None else None
     if scale is None or scale.ndim == 0 or not _per_channel(scale, s.size):
         return False
-    if len(ln.inputs) > 2 and ln.inputs[2] is not None and (bias is None or bias.ndim == 0 or not _per_channel(bias, s.size)):
+    if (
+        len(ln.inputs) > 2
+        and ln.inputs[2] is not None
+        and (bias is None or bias.ndim == 0 or not _per_channel(bias, s.size))
+    ):
         return False
     _divide(ln, 1, scale, s)
     if bias is not None:
@@ -131,7 +160,9 @@ def _fold_into_affine(x: ir.Value, readers: list[ir.Node], s: np.ndarray) -> boo
 
 def _insert_mul(x: ir.Value, readers: list[ir.Node], s: np.ndarray) -> None:
     graph = readers[0].graph
-    inverse = add_initializer(graph, (1.0 / s).astype(np.float32), fresh_name(graph, x.name, "smooth_scale"))
+    inverse = add_initializer(
+        graph, (1.0 / s).astype(np.float32), fresh_name(graph, x.name, "smooth_scale")
+    )
     out = ir.Value(name=fresh_name(graph, x.name, "smoothed"), type=x.type, shape=x.shape)
     mul = ir.node("Mul", [x, inverse], outputs=[out], name=f"{x.name}.smooth")
     mul.meta[SMOOTHING] = True

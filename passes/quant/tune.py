@@ -10,16 +10,17 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxopt import bench, inputs, io
-from onnxopt.shapes import resolve
-
 from onnxopt.passes._calibrate import first_batch
+from onnxopt.shapes import resolve
 
 ITERS = 60
 ROWS = 1  # calibration samples per timed run: latency at batch 1
 SEQUENCE = 128  # a symbolic dim other than the first, when inputs are generated
 
 
-def tuning_feeds(model: ir.Model, calib: str, shapes: dict[str, list[int]]) -> tuple[dict[str, np.ndarray], str | None]:
+def tuning_feeds(
+    model: ir.Model, calib: str, shapes: dict[str, list[int]]
+) -> tuple[dict[str, np.ndarray], str | None]:
     """Calibration samples when there are any, else generated inputs of the user's ``shapes`` or, for
     dims nobody gave, batch 1 and sizes that run the model, ``SEQUENCE`` first (a token or pixel count
     int8 can pay off at; 1 would time only the overhead). Returns the feeds and a note on the shapes chosen."""

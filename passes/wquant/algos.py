@@ -89,7 +89,9 @@ def keep_better(best, scale, zero, x, s, z):
 RANGE_FACTORS = tuple(np.linspace(0.7, 0.975, 12))
 
 
-def search_range(x: np.ndarray, symmetric: bool, factors=RANGE_FACTORS) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def search_range(
+    x: np.ndarray, symmetric: bool, factors=RANGE_FACTORS
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per block, the range ``params`` gives shrunk by the factor (1 = RTN included) that encodes it best:
     clipping a few extreme weights buys a finer step for all the others."""
     scale, zero = params(x, symmetric)
@@ -100,7 +102,9 @@ def search_range(x: np.ndarray, symmetric: bool, factors=RANGE_FACTORS) -> tuple
     return best, scale, zero
 
 
-BLOCK_8BIT = 128  # keep_8bit's MatMul weights: at 8 bits a coarse block costs no accuracy and few bytes
+BLOCK_8BIT = (
+    128  # keep_8bit's MatMul weights: at 8 bits a coarse block costs no accuracy and few bytes
+)
 
 
 def block_8bit(k: int) -> int:
@@ -120,6 +124,7 @@ def rtn_8bit(w: np.ndarray, block: int) -> Blocks:
 
 # --- HQQ: data-free, half-quadratic fit of each block's affine map
 
+
 def shrink_lp(x: np.ndarray, beta: float, p: float) -> np.ndarray:
     """Generalised soft-thresholding: the proximal step of the l_p (p < 1) penalty HQQ puts on the error."""
     a = np.abs(x)
@@ -134,8 +139,16 @@ def fit_scale(t: np.ndarray, c: np.ndarray, s: np.ndarray) -> np.ndarray:
     return np.where((den > 0) & (num * s > 0), num / np.where(den > 0, den, 1), s)
 
 
-def hqq(w: np.ndarray, block: int, symmetric: bool, iters: int = 20, p: float = 0.7, beta: float = 10.0,
-        kappa: float = 1.01, factors=RANGE_FACTORS) -> Blocks:
+def hqq(
+    w: np.ndarray,
+    block: int,
+    symmetric: bool,
+    iters: int = 20,
+    p: float = 0.7,
+    beta: float = 10.0,
+    kappa: float = 1.01,
+    factors=RANGE_FACTORS,
+) -> Blocks:
     """Half-Quadratic Quantization (Badri & Shaji 2023), data-free.
 
     Starts from the best shrunk range of each block (``search_range``; RTN when ``factors`` is empty).
@@ -164,6 +177,7 @@ def hqq(w: np.ndarray, block: int, symmetric: bool, iters: int = 20, p: float = 
 
 # --- GPTQ: calibrated, with the error of each quantized row pushed onto the rows not yet quantized
 
+
 def inverse_cholesky(h: np.ndarray, damp: float) -> np.ndarray:
     """Upper Cholesky factor U of the dampened H^-1 (H^-1 = U^T U): row i of U, over U[i, i], spreads
     the error of row i onto rows i.. the way that minimises the output error (GPTQ).
@@ -175,8 +189,16 @@ def inverse_cholesky(h: np.ndarray, damp: float) -> np.ndarray:
     return np.linalg.inv(m)[::-1, ::-1]
 
 
-def gptq(w: np.ndarray, block: int, symmetric: bool, hessian: np.ndarray, damp: float = 0.01,
-         blocksize: int = 128, act_order: bool = False, factors=()) -> Blocks:
+def gptq(
+    w: np.ndarray,
+    block: int,
+    symmetric: bool,
+    hessian: np.ndarray,
+    damp: float = 0.01,
+    blocksize: int = 128,
+    act_order: bool = False,
+    factors=(),
+) -> Blocks:
     """GPTQ (Frantar et al. 2022) of ``w`` [K, N] for the Hessian ``hessian`` [K, K] ∝ X^T X of its
     calibration inputs X [rows, K] (any positive multiple works: damping is relative to its diagonal).
 
@@ -209,14 +231,13 @@ def gptq(w: np.ndarray, block: int, symmetric: bool, hessian: np.ndarray, damp: 
         for i in range(i2 - i1):
             g = order[i1 + i] // block
             if not act_order and (i1 + i) % block == 0:
-                _, scale[:, g], zero[:, g] = search_range(part[i:i + block].T, symmetric, factors)
+                _, scale[:, g], zero[:, g] = search_range(part[i : i + block].T, symmetric, factors)
             row = part[i]
             codes[i1 + i] = encode(row[:, None], scale[:, g], zero[:, g])[:, 0]
             dq = (codes[i1 + i] - zero[:, g].astype(np.float64)) * scale[:, g]
             errors[i] = (row - dq) / u[i1 + i, i1 + i]
-            part[i:] -= np.outer(u[i1 + i, i1 + i:i2], errors[i])
+            part[i:] -= np.outer(u[i1 + i, i1 + i : i2], errors[i])
         x[i2:] -= u[i1:i2, i2:].T @ errors
     q = np.repeat(zero[..., None], block, -1).reshape(n, -1)  # padding rows encode 0
     q[:, order] = codes.T
     return Blocks(q.reshape(n, nblocks, block), scale, zero, k)
-

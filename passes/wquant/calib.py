@@ -11,7 +11,9 @@ from onnxopt.passes._common import infer_shapes
 MASK = "attention_mask"  # the transformers exporters' name for the input that marks real tokens (1) and padding (0)
 
 
-def input_hessians(model: ir.Model, nodes: list[ir.Node], calib: str) -> tuple[dict[str, np.ndarray], dict[str, int]]:
+def input_hessians(
+    model: ir.Model, nodes: list[ir.Node], calib: str
+) -> tuple[dict[str, np.ndarray], dict[str, int]]:
     """X^T X [K, K] (float64) of each node's first input X (MatMul's A, as [-1, K]) summed over every row
     of the calibration data, and the number of rows, by input name. Streamed one batch at a time, so
     memory does not grow with the samples; nodes sharing an input share its entry. Inputs that are not
@@ -19,7 +21,11 @@ def input_hessians(model: ir.Model, nodes: list[ir.Node], calib: str) -> tuple[d
 
     Padding is left out, as GPTQ tools for transformers do: when the model has an input named
     ``attention_mask`` [batch, seq], the rows of an X [batch, seq, K] where it is 0 do not count."""
-    values = list({n.inputs[0].name: n.inputs[0] for n in nodes if n.inputs and n.inputs[0] is not None}.values())
+    values = list(
+        {
+            n.inputs[0].name: n.inputs[0] for n in nodes if n.inputs and n.inputs[0] is not None
+        }.values()
+    )
     if any(v.dtype is None for v in values):
         infer_shapes(model)
     sums: dict[str, np.ndarray] = {}

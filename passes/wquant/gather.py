@@ -13,9 +13,9 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxopt.passes._common import add_initializer, fresh_name
+from onnxopt.passes.quant.dynamic import _replace
 from onnxopt.passes.wquant.algos import SYMMETRIC_ZERO, Blocks
 from onnxopt.passes.wquant.pack import gbq_layout
-from onnxopt.passes.quant.dynamic import _replace
 
 MS_DOMAIN = "com.microsoft"
 
@@ -25,9 +25,13 @@ def table_initializers(node: ir.Node, blocks: Blocks) -> tuple:
     codes and zero points packed two per byte, as GatherBlockQuantized takes them."""
     graph, base = node.graph, _base(node)
     data, scales, zeros = gbq_layout(blocks)
-    return (add_initializer(graph, data, fresh_name(graph, base, "table_int4")),
-            add_initializer(graph, scales, fresh_name(graph, base, "table_scale")),
-            None if zeros is None else add_initializer(graph, zeros, fresh_name(graph, base, "table_zero_point")))
+    return (
+        add_initializer(graph, data, fresh_name(graph, base, "table_int4")),
+        add_initializer(graph, scales, fresh_name(graph, base, "table_scale")),
+        None
+        if zeros is None
+        else add_initializer(graph, zeros, fresh_name(graph, base, "table_zero_point")),
+    )
 
 
 def gather_block_quantized(node: ir.Node, table: tuple, block: int) -> None:
@@ -35,10 +39,23 @@ def gather_block_quantized(node: ir.Node, table: tuple, block: int) -> None:
     data, scales, zeros = table
     inputs = [data, node.inputs[1], scales] + ([zeros] if zeros is not None else [])
     attributes = {"gather_axis": 0, "quantize_axis": 1, "block_size": block, "bits": 4}
-    _replace(node, [ir.node("GatherBlockQuantized", inputs, attributes, domain=MS_DOMAIN, name=f"{_base(node)}.int4")])
+    _replace(
+        node,
+        [
+            ir.node(
+                "GatherBlockQuantized",
+                inputs,
+                attributes,
+                domain=MS_DOMAIN,
+                name=f"{_base(node)}.int4",
+            )
+        ],
+    )
 
 
-def gather_then_dequantize(node: ir.Node, table: tuple, block: int, width: int, indices_rank: int) -> None:
+def gather_then_dequantize(
+    node: ir.Node, table: tuple, block: int, width: int, indices_rank: int
+) -> None:
     """Gather → Gather of packed rows, scales (and zero points), nibbles unpacked, blocked DequantizeLinear."""
     data, scales, zeros = table
     graph, base, indices = node.graph, _base(node), node.inputs[1]
@@ -54,16 +71,30 @@ def gather_then_dequantize(node: ir.Node, table: tuple, block: int, width: int, 
         """The rows of ``packed`` that ``indices`` pick, unpacked to ``count`` codes a row (low nibble first)."""
         rows = ir.node("Gather", [packed, indices], {"axis": 0}, name=f"{base}.{what}_packed")
         low = ir.node("BitwiseAnd", [rows.outputs[0], low_mask], name=f"{base}.{what}_low")
-        high = ir.node("BitShift", [rows.outputs[0], high_shift], {"direction": "RIGHT"}, name=f"{base}.{what}_high")
-        pairs = [ir.node("Unsqueeze", [low.outputs[0], last], name=f"{base}.{what}_low_pair"),
-                 ir.node("Unsqueeze", [high.outputs[0], last], name=f"{base}.{what}_high_pair")]
-        both = ir.node("Concat", [p.outputs[0] for p in pairs], {"axis": -1}, name=f"{base}.{what}_pairs")
+        high = ir.node(
+            "BitShift",
+            [rows.outputs[0], high_shift],
+            {"direction": "RIGHT"},
+            name=f"{base}.{what}_high",
+        )
+        pairs = [
+            ir.node("Unsqueeze", [low.outputs[0], last], name=f"{base}.{what}_low_pair"),
+            ir.node("Unsqueeze", [high.outputs[0], last], name=f"{base}.{what}_high_pair"),
+        ]
+        both = ir.node(
+            "Concat", [p.outputs[0] for p in pairs], {"axis": -1}, name=f"{base}.{what}_pairs"
+        )
         flat = ir.node("Reshape", [both.outputs[0], row_shape], name=f"{base}.{what}_unpacked")
         new = [rows, low, high, *pairs, both, flat]
         if 2 * packed.shape[-1] != count:  # an odd count: the last byte's high nibble is padding
             ends = const(np.array([count], np.int64), f"{what}_count")
-            new.append(ir.node("Slice", [flat.outputs[0], const(np.array([0], np.int64), "start"), ends, last],
-                               name=f"{base}.{what}"))
+            new.append(
+                ir.node(
+                    "Slice",
+                    [flat.outputs[0], const(np.array([0], np.int64), "start"), ends, last],
+                    name=f"{base}.{what}",
+                )
+            )
         return new
 
     codes = gathered_nibbles(data, width, "codes")
@@ -73,12 +104,22 @@ def gather_then_dequantize(node: ir.Node, table: tuple, block: int, width: int, 
         new += gathered_nibbles(zeros, scales.shape[-1], "zero_points")
     else:
         shape = ir.node("Shape", [row_scales.outputs[0]], name=f"{base}.scales_shape")
-        new += [shape, ir.node("Expand", [const(np.uint8(SYMMETRIC_ZERO), "zero_point"), shape.outputs[0]], name=f"{base}.zero_points")]
-    dq = ir.node("DequantizeLinear", [codes[-1].outputs[0], row_scales.outputs[0], new[-1].outputs[0]],
-                 {"axis": -1, "block_size": block}, name=f"{base}.dequantize")
+        new += [
+            shape,
+            ir.node(
+                "Expand",
+                [const(np.uint8(SYMMETRIC_ZERO), "zero_point"), shape.outputs[0]],
+                name=f"{base}.zero_points",
+            ),
+        ]
+    dq = ir.node(
+        "DequantizeLinear",
+        [codes[-1].outputs[0], row_scales.outputs[0], new[-1].outputs[0]],
+        {"axis": -1, "block_size": block},
+        name=f"{base}.dequantize",
+    )
     _replace(node, [*new, dq])
 
 
 def _base(node: ir.Node) -> str:
     return node.name or node.outputs[0].name or "gather"
-

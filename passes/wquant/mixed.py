@@ -9,32 +9,28 @@ by cost per extra byte (a small table that every token reads first) until the ex
 
 from __future__ import annotations
 
-import copy
-
 import onnx_ir as ir
 
 from onnxopt import compare
-
 from onnxopt.passes._calibrate import first_batch
 from onnxopt.passes._common import graphs_of
-from onnxopt.passes.wquant.algos import block_8bit
 from onnxopt.passes.quant.search import EVAL_ROWS, worst_cosine
+from onnxopt.passes.wquant.algos import block_8bit
 
 BUDGET = 0.015  # extra bytes for 8-bit layers, as a fraction of the 4-bit weights' bytes (MiniLM: 14.75 -> 14.96 MB)
 SCALE_BYTES = 4  # float32
 
 
 def auto_8bit(model: ir.Model, targets: list[ir.Node], options, quantize_one) -> set[ir.Node]:
-    """The ``targets`` to keep at 8 bits. ``quantize_one(node, options)`` makes one node 4-bit."""
+    """The ``targets`` to keep at 8 bits. ``quantize_one(node)`` makes one node 4-bit by round to
+    nearest; ``options`` (the WeightQuantize pass) gives calib, block and symmetric."""
     feeds = first_batch(model, options.calib, EVAL_ROWS)
     reference = compare.run_ir(model, feeds)
-    rtn = copy.copy(options)
-    rtn.algo, rtn.int4_layers = "rtn", {}
     costs = {}
     order = _nodes(model)
     for node in targets:
         trial = model.clone()
-        quantize_one(_nodes(trial)[order.index(node)], rtn)
+        quantize_one(_nodes(trial)[order.index(node)])
         trial.opset_imports.setdefault("com.microsoft", 1)
         costs[node] = 1.0 - worst_cosine(reference, trial, feeds)
     bytes4 = {n: _bytes_4bit(n, options) for n in targets}

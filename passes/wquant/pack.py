@@ -59,5 +59,12 @@ def qdq_layout(blocks: Blocks) -> tuple[np.ndarray, bool, np.ndarray, np.ndarray
     codes = blocks.q.reshape(blocks.q.shape[0], -1)[:, : blocks.k].T
     scale = np.ascontiguousarray(blocks.scale.T)
     if blocks.symmetric:
-        return np.ascontiguousarray((codes.astype(np.int16) - (1 << (blocks.bits - 1))).astype(np.int8)), True, scale, None
+        return (
+            np.ascontiguousarray(
+                (codes.astype(np.int16) - (1 << (blocks.bits - 1))).astype(np.int8)
+            ),
+            True,
+            scale,
+            None,
+        )
     return np.ascontiguousarray(codes), False, scale, np.ascontiguousarray(blocks.zero.T)

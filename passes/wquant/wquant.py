@@ -1,4 +1,4 @@
-"""quant(bits=4): weight-only 4-bit blocks for MatMul weights and embedding tables.
+"""wquant (``quant(bits=4)``): weight-only low-bit blocks for MatMul weights and embedding tables.
 
 Each MatMul whose B is a constant float32 [K, N] (or [1, ..., 1, K, N]) and each Gather on a
 constant float32 table [V, D] along axis 0 gets 4-bit codes in blocks of ``block`` along K (along D
@@ -9,23 +9,47 @@ for a table), one scale (and, asymmetric, one 4-bit zero point) per block, from 
   standard ONNX at opset 21 (the model's opset is raised first, the conversion checked).
 
 Weights are read and replaced one at a time, so memory holds one float weight beside the output.
-Nodes matching ``keep_8bit`` stay weight-only at 8 bits: symmetric blocks (MatMulNBits with bits=8,
-or an int8 blocked DequantizeLinear; see ``block_8bit``) and int8 tables (Gather, then DequantizeLinear).
+Nodes matching ``keep_8bit`` (and every target with bits=8) stay weight-only at 8 bits: symmetric
+blocks (MatMulNBits with bits=8, or an int8 blocked DequantizeLinear; see ``block_8bit``) and int8
+tables (Gather, then DequantizeLinear). Activations stay float.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import re
+from typing import Any
+
 import numpy as np
 import onnx_ir as ir
 
-from onnxopt.passes.wquant import algos as _int4_algos
-from onnxopt.passes._common import add_initializer, constant, fresh_name, graphs_of, is_standard, rank, remove_unused, unique_names
-from onnxopt.passes.wquant.algos import Blocks, block_8bit, rtn_8bit
-from onnxopt.passes.wquant.mixed import auto_8bit, weight_of
-from onnxopt.passes.wquant.gather import gather_block_quantized, gather_then_dequantize, table_initializers
-from onnxopt.passes.wquant.pack import nbits_layout, qdq_layout
+from onnxopt.errors import UsageError
+from onnxopt.passbase import Column, Option, OptPass, Outcome, run_context
+from onnxopt.passes._common import (
+    add_initializer,
+    constant,
+    fresh_name,
+    graphs_of,
+    infer_shapes,
+    is_standard,
+    lift_constants,
+    rank,
+    remove_unused,
+    unique_names,
+)
 from onnxopt.passes._opset import raise_opset
 from onnxopt.passes.quant.dynamic import _replace, quantize_gather
+from onnxopt.passes.quant.layers import LIST, layers, scale_range
+from onnxopt.passes.quant.quant import listed, refuse_quantized, skipped_notes
+from onnxopt.passes.wquant import algos as _int4_algos
+from onnxopt.passes.wquant.algos import Blocks, block_8bit, rtn_8bit
+from onnxopt.passes.wquant.gather import (
+    gather_block_quantized,
+    gather_then_dequantize,
+    table_initializers,
+)
+from onnxopt.passes.wquant.mixed import auto_8bit, weight_of
+from onnxopt.passes.wquant.pack import nbits_layout, qdq_layout
 
 MS_DOMAIN = "com.microsoft"
 QDQ_OPSET = 21  # DequantizeLinear with block_size and int4/uint4 inputs
@@ -35,53 +59,296 @@ GPTQ_DAMP = 0.1  # of the Hessian's mean diagonal, added to it
 # value projection, batch 1 x 64: 670 vs 263 us; fp32 MatMul 200 us), for sentence cosine 0.9921 vs 0.9917:
 # 8-bit layers take level 4 unless accuracy_level asks for one
 INT8_ACCURACY_LEVEL = 4
+ALGOS = ("auto", "rtn", "hqq", "gptq")
+FORMATS = ("ort", "qdq")
+OP_TYPES = ("MatMul", "Gather")
+AUTO = "auto"  # keep_8bit's one value that is not a name
+# 4-bit weights move raw outputs on the check's generated inputs much more than on real data (MiniLM:
+# hidden-state cosine 0.94 on a [1, 1] input, 0.85 on [1, 64] of random tokens, for sentence embeddings
+# at 0.956): the default budget of bits=4 only catches a broken model.
+INT4_MIN_COSINE = 0.8
+INT8_MIN_COSINE = 0.99  # bits=8 unless min_cosine is given, as quant's int8
+FOUR = {"bits": (4,)}
 
 
-def quantize_int4(model: ir.Model, options) -> bool:
-    """Rewrite the model's MatMul weights and embedding tables to 4 bits (8 where ``keep_8bit`` says);
-    ``options.int4_layers`` gets, per quantized output name, what the report shows. False when idle."""
-    options.int4_layers, options.kept_8bit = {}, []
+class WeightQuantize(OptPass):
+    name = "wquant"
+    summary = (
+        "weight-only low-bit quantization: MatMul weights and embedding tables in 4-bit blocks "
+        "(8 where keep_8bit says, or everywhere with bits=8), activations stay float; for size and "
+        "memory. quant(bits=4,...) is this pass."
+    )
+    exact = False
+    options = (
+        Option(
+            "bits",
+            int,
+            4,
+            "4: blocks of 4-bit codes from algo; 8: every layer as keep_8bit keeps it (symmetric "
+            "8-bit blocks, int8 tables)",
+            choices=(4, 8),
+        ),
+        Option(
+            "block",
+            int,
+            32,
+            "weights per block along K (along the embedding dim for tables), each with its own "
+            "scale; a power of two",
+            low=16,
+            only_with=FOUR,
+        ),
+        Option(
+            "symmetric",
+            bool,
+            False,
+            "false: a 4-bit zero point per block (on MiniLM cos 0.973 vs 0.964 symmetric, +0.36 MB); "
+            "true: symmetric about 0, no zero points, each block's largest-magnitude weight on code -8",
+            only_with=FOUR,
+        ),
+        Option(
+            "algo",
+            str,
+            AUTO,
+            "rtn (round to nearest), hqq (data-free fit of each block's scale and zero point), gptq "
+            "(needs calib; embedding tables, with no input to weigh by, use hqq), or auto: gptq "
+            "when calib is given, else rtn",
+            choices=ALGOS,
+            only_with=FOUR,
+        ),
+        Option(
+            "format",
+            str,
+            "ort",
+            "ort (onnxruntime's MatMulNBits and GatherBlockQuantized) or qdq (blocked "
+            "DequantizeLinear of int4 weights, standard ONNX at opset 21)",
+            choices=FORMATS,
+        ),
+        Option(
+            "accuracy_level",
+            int,
+            0,
+            "MatMulNBits' least precision of its input: 0 as given, 1 fp32, 2 fp16, 3 bf16, 4 int8. "
+            "0 because on an AVX2 CPU without VNNI 4 was no faster at batch 1 and 10% slower at "
+            "batch 32 on MiniLM, for the same accuracy; 8-bit layers (keep_8bit) take 4 at 0, their "
+            "fast kernel on CPU; try 4 on CPUs with VNNI or ARM dot products",
+            low=0,
+            high=4,
+            only_with={"format": ("ort",)},
+        ),
+        Option(
+            "keep_8bit",
+            str,
+            [AUTO],
+            "MatMul/Gather node names or regexes (full match) to keep at 8 bits (weight-only) "
+            "instead; or auto alone: with calib, the layers whose 4 bits cost the outputs most per "
+            "byte, within 1.5% more weight bytes (without calib: none)",
+            many=True,
+            only_with=FOUR,
+        ),
+        Option(
+            "calib",
+            str,
+            "",
+            "calibration data (.npz or folder, as validate's --inputs; random only to try): "
+            "for algo=gptq and keep_8bit=auto",
+            only_with=FOUR,
+        ),
+        Option(
+            "exclude",
+            str,
+            [],
+            "node names or regexes (full match) to keep in float",
+            many=True,
+        ),
+        Option(
+            "op_types",
+            str,
+            list(OP_TYPES),
+            "op types to quantize: MatMul weights, embedding tables (Gather)",
+            choices=OP_TYPES,
+            many=True,
+        ),
+        Option(
+            "per_channel",
+            bool,
+            True,
+            "8-bit tables (keep_8bit, bits=8): one scale per embedding dim (else one per table)",
+        ),
+        Option(
+            "min_cosine",
+            float,
+            INT4_MIN_COSINE,
+            f"fidelity budget: the least output cosine the check accepts, above 0 ({INT8_MIN_COSINE:g} "
+            "with bits=8 unless given). 4-bit weights move outputs on generated inputs much more than "
+            "on real data: the default only catches a broken model",
+            low=0,
+            high=1,
+        ),
+    )
+    columns = (
+        Column("layer", "layer"),
+        Column("op", "op"),
+        Column("weight", "weight"),
+        Column("activation", "activation"),
+        Column("block", "block", "d"),
+        Column("weight_mse", "weight MSE", ".3g"),
+        Column("weight_scale_min", "weight scale", scale_range),
+    )
+    skipped: tuple[str, ...] = ()  # int8 options quant(bits=4, ...) was given, for its note
+
+    def __init__(self, **values: Any):
+        super().__init__(**values)
+        self.keep_8bit, self.exclude = list(self.keep_8bit), list(self.exclude)
+        self.op_types = list(self.op_types)
+        where = f"pass {self.name}"
+        if self.block & (self.block - 1):
+            raise UsageError(
+                f"{where}: block must be a power of two of at least 16, got {self.block}"
+            )
+        if self.min_cosine <= 0:
+            raise UsageError(f"{where}: min_cosine must be in (0, 1], got {self.min_cosine}")
+        if AUTO in self.keep_8bit and len(self.keep_8bit) > 1:
+            raise UsageError(f"{where}: keep_8bit=auto stands alone, not among names")
+        if self.keep_8bit == [AUTO] and "keep_8bit" in self.given and not self.calib:
+            raise UsageError(
+                f"{where}: keep_8bit=auto needs calib=PATH: layers are ranked by output error on "
+                "calibration samples"
+            )
+        if self.algo == "gptq" and not self.calib:
+            raise UsageError(
+                f"{where}: algo=gptq needs calib=PATH: it weighs each weight's error by its inputs "
+                "on the calibration data"
+            )
+        self._exclude = _regexes(self.exclude, "exclude", where)
+        self._keep_8bit = (
+            [] if self.keep_8bit == [AUTO] else _regexes(self.keep_8bit, "keep_8bit", where)
+        )
+
+    def skipping(self, skipped: list[str]) -> WeightQuantize:
+        """This pass as ``quant(bits=4, ...)`` built it, given the int8 options in ``skipped``."""
+        self.skipped = tuple(skipped)
+        return self
+
+    def call(self, model: ir.Model) -> Outcome:
+        refuse_quantized(model, self.name)
+        lift_constants(model)
+        infer_shapes(model)  # the targets' activations must be known to be float
+        result = quantize_int4(model, self, run_context().shapes)
+        rows = layers(model, lambda node: _why_float(node, self), result.layers)
+        return Outcome(model, result.modified, self._notes(result), rows, self.budget)
+
+    def _notes(self, result: Quantized) -> list[str]:
+        notes = []
+        if not result.modified:
+            notes.append(
+                f"nothing to quantize: no {'|'.join(self.op_types)} with a constant float32 weight "
+                "outside exclude"
+            )
+        notes += skipped_notes(list(self.skipped))
+        if result.kept_8bit:
+            notes.append(f"kept {_listed(result.kept_8bit)} at 8 bits (keep_8bit)")
+        return notes
+
+    @property
+    def budget(self) -> float:
+        """The fidelity budget: min_cosine, whose default depends on bits."""
+        if self.bits == 8 and "min_cosine" not in self.given:
+            return INT8_MIN_COSINE
+        return self.min_cosine
+
+    @property
+    def int4_algo(self) -> str:
+        """The 4-bit algorithm this run uses: ``algo``, auto resolved by whether calib is given."""
+        return ("gptq" if self.calib else "rtn") if self.algo == AUTO else self.algo
+
+    @property
+    def auto_8bit(self) -> bool:
+        """Whether keep_8bit=auto ranks the layers: it needs calibration data (the default does nothing without)."""
+        return self.bits == 4 and self.keep_8bit == [AUTO] and bool(self.calib)
+
+    def excluded(self, node: ir.Node) -> bool:
+        return any(p.fullmatch(node.name or "") for p in self._exclude)
+
+    def keeps_8bit(self, node: ir.Node) -> bool:
+        return self.bits == 8 or any(p.fullmatch(node.name or "") for p in self._keep_8bit)
+
+
+@dataclasses.dataclass
+class Quantized:
+    """What ``quantize_int4`` did: whether it changed the model, what the report shows per
+    rewritten layer (by the output name the layer keeps), and the nodes kept at 8 bits by keep_8bit."""
+
+    modified: bool = False
+    layers: dict[str, dict] = dataclasses.field(default_factory=dict)
+    kept_8bit: list[str] = dataclasses.field(default_factory=list)
+
+
+def quantize_int4(model: ir.Model, options: WeightQuantize, shapes=None) -> Quantized:
+    """Rewrite the model's MatMul weights and embedding tables to 4 bits (8 where ``keep_8bit`` says,
+    or all with bits=8) as the ``options`` of a WeightQuantize say; ``shapes`` are the user's input
+    shapes, for the check of an opset raise (format=qdq)."""
+    result = Quantized()
     if not any(_target(n, options) for g in graphs_of(model) for n in g):
-        return False
+        return result
     if options.format == "qdq":
-        raise_opset(model, QDQ_OPSET, options.example_shapes, "format=qdq")
+        raise_opset(model, QDQ_OPSET, dict(shapes or {}), "format=qdq")
     targets = [n for g in graphs_of(model) for n in g if _target(n, options)]
-    hessians = _hessians(model, targets, options.calib) if options.int4_algo == "gptq" else {}
-    done: dict[tuple, tuple] = {}  # a weight read by several nodes is quantized once per graph and width
-    auto = auto_8bit(model, targets, options, _int4_one) if options.auto_8bit else set()
+    algo = options.int4_algo
+    hessians = (
+        _hessians(model, targets, options.calib) if algo == "gptq" and options.bits == 4 else {}
+    )
+    # a weight read by several nodes is quantized once per graph and width
+    done: dict[tuple, tuple] = {}
+    auto = (
+        auto_8bit(model, targets, options, lambda node: _int4_one(node, options))
+        if options.auto_8bit
+        else set()
+    )
     for node in targets:
         if node in auto or options.keeps_8bit(node):
-            options.kept_8bit.append(node.name or node.outputs[0].name)
-            _8bit(node, options, done)
+            if options.bits == 4:
+                result.kept_8bit.append(node.name or node.outputs[0].name)
+            _8bit(node, options, done, result.layers)
         elif node.op_type == "Gather":
-            _gather(node, options, done)
+            _gather(node, options, algo, done, result.layers)
         else:
-            _matmul(node, options, hessians.get(node.inputs[0].name), done)
+            _matmul(node, options, algo, hessians.get(node.inputs[0].name), done, result.layers)
     if options.format == "ort":
         model.opset_imports.setdefault(MS_DOMAIN, 1)
     remove_unused(model)
     unique_names(model)
-    return True
+    result.modified = True
+    return result
 
 
-def _int4_one(node: ir.Node, options) -> None:
-    """``node`` alone to 4 bits (for keep_8bit=auto's trials)."""
+def _int4_one(node: ir.Node, options: WeightQuantize) -> None:
+    """``node`` alone to 4 bits by round to nearest (for keep_8bit=auto's trials)."""
     if node.op_type == "Gather":
-        _gather(node, options, {})
+        _gather(node, options, "rtn", {}, {})
     else:
-        _matmul(node, options, None, {})
+        _matmul(node, options, "rtn", None, {}, {})
 
 
 def _target(node: ir.Node, options) -> bool:
     """Whether the pass rewrites ``node``: a MatMul or embedding Gather with a constant float32 weight."""
-    wanted = options.op_types.split("|")
-    if options.excluded(node) or not is_standard(node, "MatMul", "Gather") or node.op_type not in wanted:
+    if (
+        options.excluded(node)
+        or not is_standard(node, "MatMul", "Gather")
+        or node.op_type not in options.op_types
+    ):
         return False
     w = constant(weight_of(node))
     if w is None or w.dtype != np.float32 or w.ndim < 2 or any(d != 1 for d in w.shape[:-2]):
         return False
-    if node.op_type == "Gather":  # packed rows hold two codes per byte: the width must be even
-        return w.ndim == 2 and w.shape[1] % 2 == 0 and node.attributes.get_int("axis", 0) == 0 and rank(node.inputs[1]) is not None
+    if (
+        node.op_type == "Gather"
+    ):  # packed 4-bit rows hold two codes per byte: the width must be even
+        return (
+            w.ndim == 2
+            and (w.shape[1] % 2 == 0 or options.bits == 8)
+            and node.attributes.get_int("axis", 0) == 0
+            and rank(node.inputs[1]) is not None
+        )
     x = node.inputs[0]
     if x is None or x.dtype != ir.DataType.FLOAT:
         return False
@@ -97,22 +364,35 @@ def _blocks(w: np.ndarray, algorithm) -> tuple[Blocks, float]:
     cols = max(1, CHUNK // k)
     parts, squared = [], 0.0
     for j in range(0, n, cols):
-        part = algorithm(w[:, j:j + cols])
-        squared += float(np.sum(np.square(part.dequantize() - w[:, j:j + cols]), dtype=np.float64))
+        part = algorithm(w[:, j : j + cols])
+        squared += float(
+            np.sum(np.square(part.dequantize() - w[:, j : j + cols]), dtype=np.float64)
+        )
         parts.append(part)
-    blocks = Blocks(*(np.concatenate([getattr(p, f) for p in parts]) for f in ("q", "scale", "zero")), k, parts[0].bits)
+    blocks = Blocks(
+        *(np.concatenate([getattr(p, f) for p in parts]) for f in ("q", "scale", "zero")),
+        k,
+        parts[0].bits,
+    )
     return blocks, squared / w.size
 
 
-def _algorithm(w: np.ndarray, options, hessian: np.ndarray | None) -> Blocks:
-    if options.int4_algo == "gptq":
+def _algorithm(w: np.ndarray, options, algo: str, hessian: np.ndarray | None) -> Blocks:
+    if algo == "gptq":
         if hessian is None:  # an embedding table: no input to weigh the error by
             return _int4_algos.hqq(w, options.block, options.symmetric)
         # act_order, a shrunk range per block and damp 0.1 measured best on MiniLM (with keep_8bit=auto:
         # top5 0.9004 at damp 0.1, 0.8988 at 0.01, 0.898 at 0.003)
-        return _int4_algos.gptq(w, options.block, options.symmetric, hessian, damp=GPTQ_DAMP, act_order=True,
-                                factors=_int4_algos.RANGE_FACTORS)
-    return getattr(_int4_algos, options.int4_algo)(w, options.block, options.symmetric)
+        return _int4_algos.gptq(
+            w,
+            options.block,
+            options.symmetric,
+            hessian,
+            damp=GPTQ_DAMP,
+            act_order=True,
+            factors=_int4_algos.RANGE_FACTORS,
+        )
+    return getattr(_int4_algos, algo)(w, options.block, options.symmetric)
 
 
 def _release(value: ir.Value) -> None:
@@ -121,24 +401,48 @@ def _release(value: ir.Value) -> None:
         value.const_value.release()
 
 
-def _matmul(node: ir.Node, options, hessian: np.ndarray | None, done: dict, bits: int = 4) -> None:
+def _matmul(
+    node: ir.Node,
+    options,
+    algo: str | None,
+    hessian: np.ndarray | None,
+    done: dict,
+    found: dict,
+    bits: int = 4,
+) -> None:
+    """``node``'s B as ``bits``-bit blocks (``algo``'s at 4 bits), its report row into ``found``."""
     b = node.inputs[1]
     shape = tuple(b.const_value.shape)
     key = (node.graph, b, bits)
     if key not in done:
         if bits == 8:
-            blocks, mse = _blocks(constant(b).reshape(shape[-2:]), lambda w: rtn_8bit(w, block_8bit(shape[-2])))
+            blocks, mse = _blocks(
+                constant(b).reshape(shape[-2:]), lambda w: rtn_8bit(w, block_8bit(shape[-2]))
+            )
         else:
-            blocks, mse = _blocks(constant(b).reshape(shape[-2:]), lambda w: _algorithm(w, options, hessian))
+            blocks, mse = _blocks(
+                constant(b).reshape(shape[-2:]), lambda w: _algorithm(w, options, algo, hessian)
+            )
         _release(b)
         done[key] = _quantized_weight(node, blocks, options, shape), _layer(blocks, mse)
     quantized, layer = done[key]
-    _report(options, node, layer)
+    _report(found, node, layer)
     if options.format == "qdq":
         node.replace_input_with(1, quantized)
         return
-    _replace(node, _matmul_nbits(node, *quantized, k=shape[-2], n=shape[-1], options=options, nd=len(shape),
-                                 bits=layer["bits"], block=layer["block"]))
+    _replace(
+        node,
+        _matmul_nbits(
+            node,
+            *quantized,
+            k=shape[-2],
+            n=shape[-1],
+            options=options,
+            nd=len(shape),
+            bits=layer["bits"],
+            block=layer["block"],
+        ),
+    )
 
 
 def _quantized_weight(node: ir.Node, blocks: Blocks, options, shape: tuple[int, ...]):
@@ -148,32 +452,68 @@ def _quantized_weight(node: ir.Node, blocks: Blocks, options, shape: tuple[int, 
     base = node.name or node.outputs[0].name or "matmul"
     if options.format == "ort":
         packed, scales, zeros = nbits_layout(blocks)
-        return (add_initializer(graph, packed, fresh_name(graph, base, "weight_int4")),
-                add_initializer(graph, scales, fresh_name(graph, base, "weight_scale")),
-                None if zeros is None else add_initializer(graph, zeros, fresh_name(graph, base, "weight_zero_point")))
+        return (
+            add_initializer(graph, packed, fresh_name(graph, base, "weight_int4")),
+            add_initializer(graph, scales, fresh_name(graph, base, "weight_scale")),
+            None
+            if zeros is None
+            else add_initializer(graph, zeros, fresh_name(graph, base, "weight_zero_point")),
+        )
     values, signed, scale, zero = qdq_layout(blocks)
     lead = (1,) * (len(shape) - 2)
-    dtype = {(4, True): ir.DataType.INT4, (4, False): ir.DataType.UINT4, (8, True): ir.DataType.INT8}[blocks.bits, signed]
-    inputs = [_initializer(graph, values.reshape(lead + values.shape), dtype, fresh_name(graph, base, f"weight_{dtype.name.lower()}")),
-              add_initializer(graph, scale.reshape(lead + scale.shape), fresh_name(graph, base, "weight_scale"))]
+    dtype = {
+        (4, True): ir.DataType.INT4,
+        (4, False): ir.DataType.UINT4,
+        (8, True): ir.DataType.INT8,
+    }[blocks.bits, signed]
+    inputs = [
+        _initializer(
+            graph,
+            values.reshape(lead + values.shape),
+            dtype,
+            fresh_name(graph, base, f"weight_{dtype.name.lower()}"),
+        ),
+        add_initializer(
+            graph, scale.reshape(lead + scale.shape), fresh_name(graph, base, "weight_scale")
+        ),
+    ]
     if zero is not None:
-        inputs.append(_initializer(graph, zero.reshape(lead + zero.shape), ir.DataType.UINT4, fresh_name(graph, base, "weight_zero_point")))
-    dq = ir.node("DequantizeLinear", inputs, {"axis": len(shape) - 2, "block_size": blocks.q.shape[-1]}, name=f"{base}.dequantize_weight")
+        inputs.append(
+            _initializer(
+                graph,
+                zero.reshape(lead + zero.shape),
+                ir.DataType.UINT4,
+                fresh_name(graph, base, "weight_zero_point"),
+            )
+        )
+    dq = ir.node(
+        "DequantizeLinear",
+        inputs,
+        {"axis": len(shape) - 2, "block_size": blocks.q.shape[-1]},
+        name=f"{base}.dequantize_weight",
+    )
     out = dq.outputs[0]
-    out.name, out.type, out.shape = f"{base}.weight", ir.TensorType(ir.DataType.FLOAT), ir.Shape(shape)
+    out.name, out.type, out.shape = (
+        f"{base}.weight",
+        ir.TensorType(ir.DataType.FLOAT),
+        ir.Shape(shape),
+    )
     graph.insert_before(node, dq)
     return out
 
 
 def _initializer(graph: ir.Graph, array: np.ndarray, dtype: ir.DataType, name: str) -> ir.Value:
     tensor = ir.Tensor(array, dtype=dtype)
-    value = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(dtype), const_value=tensor)
+    value = ir.Value(
+        name=name, shape=ir.Shape(array.shape), type=ir.TensorType(dtype), const_value=tensor
+    )
     graph.register_initializer(value)
     return value
 
 
-def _matmul_nbits(node: ir.Node, packed, scales, zeros, *, k: int, n: int, options, nd: int, bits: int,
-                  block: int) -> list[ir.Node]:
+def _matmul_nbits(
+    node: ir.Node, packed, scales, zeros, *, k: int, n: int, options, nd: int, bits: int, block: int
+) -> list[ir.Node]:
     base = node.name or node.outputs[0].name or "matmul"
     attributes = {"K": k, "N": n, "bits": bits, "block_size": block}
     level = options.accuracy_level or (INT8_ACCURACY_LEVEL if bits == 8 else 0)
@@ -184,19 +524,25 @@ def _matmul_nbits(node: ir.Node, packed, scales, zeros, *, k: int, n: int, optio
     new = [ir.node("MatMulNBits", inputs, attributes, domain=MS_DOMAIN, name=f"{base}.int{bits}")]
     missing = nd - rank(x)
     if missing > 0:  # B's leading ones would have prefixed the output's shape with ones
-        axes = add_initializer(node.graph, np.arange(missing, dtype=np.int64), fresh_name(node.graph, base, "leading_axes"))
+        axes = add_initializer(
+            node.graph,
+            np.arange(missing, dtype=np.int64),
+            fresh_name(node.graph, base, "leading_axes"),
+        )
         new.append(ir.node("Unsqueeze", [new[0].outputs[0], axes], name=f"{base}.leading_ones"))
     return new
 
 
-def _gather(node: ir.Node, options, done: dict) -> None:
+def _gather(node: ir.Node, options, algo: str, done: dict, found: dict) -> None:
     key = (node.graph, node.inputs[0])
     if key not in done:
-        blocks, mse = _blocks(constant(node.inputs[0]).T, lambda w: _algorithm(w, options, None))
+        blocks, mse = _blocks(
+            constant(node.inputs[0]).T, lambda w: _algorithm(w, options, algo, None)
+        )
         _release(node.inputs[0])
         done[key] = table_initializers(node, blocks), _layer(blocks, mse)
     table, layer = done[key]
-    _report(options, node, layer)
+    _report(found, node, layer)
     if options.format == "ort":
         gather_block_quantized(node, table, options.block)
     else:
@@ -207,27 +553,67 @@ def _gather(node: ir.Node, options, done: dict) -> None:
 def _layer(blocks: Blocks, mse: float) -> dict:
     """What the report shows for a layer whose weight became ``blocks`` with this mean squared error."""
     return {
-        "weight": f"{'int' if blocks.symmetric else 'uint'}{blocks.bits}", "bits": blocks.bits,
-        "block": blocks.q.shape[-1], "weight_mse": mse,
-        "weight_scale_min": float(blocks.scale.min()), "weight_scale_max": float(blocks.scale.max()),
-        "weight_scale_count": int(blocks.scale.size)}
+        "weight": f"{'int' if blocks.symmetric else 'uint'}{blocks.bits}",
+        "bits": blocks.bits,
+        "block": blocks.q.shape[-1],
+        "weight_mse": mse,
+        "weight_scale_min": float(blocks.scale.min()),
+        "weight_scale_max": float(blocks.scale.max()),
+        "weight_scale_count": int(blocks.scale.size),
+    }
 
 
-def _report(options, node: ir.Node, layer: dict) -> None:
+def _report(found: dict, node: ir.Node, layer: dict) -> None:
     """Keyed by the output's name, which the rewritten layer keeps (the report matches it to the input model's)."""
     output = node.outputs[0].name
-    options.int4_layers[output] = {"layer": node.name or output, "op": node.op_type, **layer}
+    found[output] = {"layer": node.name or output, "op": node.op_type, **layer}
 
 
-def _8bit(node: ir.Node, options, done: dict) -> None:
+def _8bit(node: ir.Node, options, done: dict, found: dict) -> None:
+    """Weight-only 8 bits: an int8 table (its row comes from the graph), or symmetric 8-bit blocks."""
     if node.op_type == "Gather":
-        quantize_gather(node, options)
+        quantize_gather(node, options.per_channel)
     else:
-        _matmul(node, options, None, done, bits=8)
+        _matmul(node, options, None, None, done, found, bits=8)
 
 
 def _hessians(model: ir.Model, nodes: list[ir.Node], calib: str) -> dict[str, np.ndarray]:
     """X^T X of each MatMul input over the calibration data, by name (GPTQ weighs weight errors by it)."""
-    from onnxopt.passes.wquant.calib import input_hessians  # imported here: only gptq needs calibration statistics
+    # imported here: only gptq needs calibration statistics
+    from onnxopt.passes.wquant.calib import input_hessians
 
-    return input_hessians(model, [n for n in nodes if n.op_type == "MatMul" and n.graph is model.graph], calib)[0]
+    return input_hessians(
+        model, [n for n in nodes if n.op_type == "MatMul" and n.graph is model.graph], calib
+    )[0]
+
+
+def _regexes(patterns: list[str], option: str, where: str) -> list[re.Pattern]:
+    try:
+        return [re.compile(p) for p in patterns]
+    except re.error as e:
+        raise UsageError(f"{where}: {option} has a bad regex: {e}") from None
+
+
+def _why_float(node: ir.Node, options: WeightQuantize) -> str | None:
+    """Why a Conv, MatMul or Gemm stayed float (the report's rows)."""
+    if options.excluded(node):
+        return f"matches exclude={LIST.join(options.exclude)}"
+    if node.op_type != "MatMul":
+        return f"{node.op_type} is not quantized weight-only: MatMul weights and tables are"
+    if node.op_type not in options.op_types:
+        return f"not in op_types={LIST.join(options.op_types)}"
+    if len(node.inputs) < 2 or constant(node.inputs[1]) is None:
+        return "its weight is not a constant"
+    if constant(node.inputs[1]).dtype != np.float32:
+        return "its weight is not float32"
+    if node.inputs[0] is None or node.inputs[0].dtype != ir.DataType.FLOAT:
+        return "its input is not known to be float32"
+    if not _target(node, options):
+        return (
+            "its weight is not [K, N] (leading ones allowed), or its input has rank 1 (format=ort)"
+        )
+    return None
+
+
+def _listed(names: list[str]) -> str:
+    return listed(names, "nodes")

@@ -14,7 +14,9 @@ X = np.linspace(-1, 1, 12, dtype=np.float32).reshape(3, 4)
 
 def test_folds_constant_chains_into_one_initializer():
     nodes = [
-        helper.make_node("Constant", [], ["c"], value=helper.make_tensor("c", F, [4], [1, 2, 3, 4])),
+        helper.make_node(
+            "Constant", [], ["c"], value=helper.make_tensor("c", F, [4], [1, 2, 3, 4])
+        ),
         helper.make_node("Mul", ["c", "two"], ["c2"]),
         helper.make_node("Sqrt", ["c2"], ["c3"]),
         helper.make_node("Add", ["x", "c3"], ["y"]),
@@ -36,7 +38,11 @@ def test_static_shape_chain_becomes_a_constant():
         helper.make_node("Concat", ["d0u", "minus1"], ["shape"], axis=0),
         helper.make_node("Reshape", ["x", "shape"], ["y"]),
     ]
-    inits = {"zero": np.int64(0), "axes": np.array([0], np.int64), "minus1": np.array([-1], np.int64)}
+    inits = {
+        "zero": np.int64(0),
+        "axes": np.array([0], np.int64),
+        "minus1": np.array([-1], np.int64),
+    }
     proto = make_model(nodes, [("x", F, [3, 4])], [("y", F, [3, 4])], inits)
     model, _ = optimize(proto, ["fold"], {"x": X})
     assert ops(model) == ["Reshape"]
@@ -61,7 +67,9 @@ def test_gather_of_a_static_dim_folds_while_symbolic_dims_stay():
 
 def test_size_limit_keeps_large_results_computed():
     nodes = [
-        helper.make_node("ConstantOfShape", ["shape"], ["big"], value=helper.make_tensor("v", F, [1], [0.5])),
+        helper.make_node(
+            "ConstantOfShape", ["shape"], ["big"], value=helper.make_tensor("v", F, [1], [0.5])
+        ),
         helper.make_node("ReduceSum", ["big", "axes"], ["s"], keepdims=0),
         helper.make_node("Add", ["x", "s"], ["y"]),
     ]
@@ -92,12 +100,19 @@ def test_random_and_quantization_ops_are_never_folded():
     proto = make_model(nodes, [("x", F, [3, 4])], [("y", F, [3, 4])], inits)
     model = ir.serde.deserialize_model(proto)
     Fold()(model)
-    assert sorted(ops(model)) == sorted(["RandomNormal", "QuantizeLinear", "DequantizeLinear", "Mul", "Add", "Add"])
+    assert sorted(ops(model)) == sorted(
+        ["RandomNormal", "QuantizeLinear", "DequantizeLinear", "Mul", "Add", "Add"]
+    )
 
 
 def test_initializer_that_is_also_an_input_is_not_a_constant():
-    nodes = [helper.make_node("Mul", ["w", "w"], ["w2"]), helper.make_node("Add", ["x", "w2"], ["y"])]
-    proto = make_model(nodes, [("x", F, [3, 4]), ("w", F, [4])], [("y", F, [3, 4])], {"w": np.ones(4, np.float32)})
+    nodes = [
+        helper.make_node("Mul", ["w", "w"], ["w2"]),
+        helper.make_node("Add", ["x", "w2"], ["y"]),
+    ]
+    proto = make_model(
+        nodes, [("x", F, [3, 4]), ("w", F, [4])], [("y", F, [3, 4])], {"w": np.ones(4, np.float32)}
+    )
     model, _ = optimize(proto, ["fold"], {"x": X, "w": np.arange(4, dtype=np.float32)})
     assert ops(model) == ["Mul", "Add"]
 
@@ -115,9 +130,13 @@ def branch(name, value):
 def test_if_with_constant_condition_becomes_its_branch():
     nodes = [
         helper.make_node("Greater", ["a", "b"], ["cond"]),
-        helper.make_node("If", ["cond"], ["y"], then_branch=branch("then", 1.0), else_branch=branch("else", -1.0)),
+        helper.make_node(
+            "If", ["cond"], ["y"], then_branch=branch("then", 1.0), else_branch=branch("else", -1.0)
+        ),
     ]
-    proto = make_model(nodes, [("x", F, [3, 4])], [("y", F, [3, 4])], {"a": np.float32(2), "b": np.float32(1)})
+    proto = make_model(
+        nodes, [("x", F, [3, 4])], [("y", F, [3, 4])], {"a": np.float32(2), "b": np.float32(1)}
+    )
     model, _ = optimize(proto, ["fold"], {"x": X})
     assert ops(model) == ["Add"]
     assert model.graph.outputs[0].name == "y"
@@ -127,13 +146,17 @@ def test_if_with_constant_condition_becomes_its_branch():
 def test_folds_inside_subgraphs():
     inner = helper.make_graph(
         [helper.make_node("Neg", ["k"], ["nk"]), helper.make_node("Add", ["x", "nk"], ["t_out"])],
-        "then", [], [helper.make_tensor_value_info("t_out", F, [3, 4])],
+        "then",
+        [],
+        [helper.make_tensor_value_info("t_out", F, [3, 4])],
         initializer=[helper.make_tensor("k", F, [4], [1, 2, 3, 4])],
     )
     nodes = [
         helper.make_node("ReduceSum", ["x"], ["s"], keepdims=0),
         helper.make_node("Greater", ["s", "zero"], ["cond"]),
-        helper.make_node("If", ["cond"], ["y"], then_branch=inner, else_branch=branch("else", -1.0)),
+        helper.make_node(
+            "If", ["cond"], ["y"], then_branch=inner, else_branch=branch("else", -1.0)
+        ),
     ]
     proto = make_model(nodes, [("x", F, [3, 4])], [("y", F, [3, 4])], {"zero": np.float32(0)})
     for sign in (1, -1):
@@ -154,9 +177,15 @@ def test_batch_failure_falls_back_to_node_by_node(monkeypatch):
 
 
 def test_graph_output_that_folds_keeps_its_name():
-    nodes = [helper.make_node("Add", ["a", "a"], ["const_out"]), helper.make_node("Relu", ["x"], ["y"])]
+    nodes = [
+        helper.make_node("Add", ["a", "a"], ["const_out"]),
+        helper.make_node("Relu", ["x"], ["y"]),
+    ]
     proto = make_model(
-        nodes, [("x", F, [3, 4])], [("y", F, [3, 4]), ("const_out", F, [2])], {"a": np.array([1, 2], np.float32)}
+        nodes,
+        [("x", F, [3, 4])],
+        [("y", F, [3, 4]), ("const_out", F, [2])],
+        {"a": np.array([1, 2], np.float32)},
     )
     model, _ = optimize(proto, ["fold"], {"x": X})
     assert [v.name for v in model.graph.outputs] == ["y", "const_out"]
@@ -173,7 +202,12 @@ def test_fold_reports_no_change_on_a_folded_model():
 @pytest.mark.parametrize("dtype", [TensorProto.INT64, TensorProto.INT32, TensorProto.DOUBLE])
 def test_folds_other_dtypes(dtype):
     np_type = helper.tensor_dtype_to_np_dtype(dtype)
-    nodes = [helper.make_node("Mul", ["a", "a"], ["sq"]), helper.make_node("Add", ["x", "sq"], ["y"])]
-    proto = make_model(nodes, [("x", dtype, [3])], [("y", dtype, [3])], {"a": np.array([1, 2, 3], np_type)})
+    nodes = [
+        helper.make_node("Mul", ["a", "a"], ["sq"]),
+        helper.make_node("Add", ["x", "sq"], ["y"]),
+    ]
+    proto = make_model(
+        nodes, [("x", dtype, [3])], [("y", dtype, [3])], {"a": np.array([1, 2, 3], np_type)}
+    )
     model, _ = optimize(proto, ["fold"], {"x": np.array([1, 1, 1], np_type)})
     assert ops(model) == ["Add"]

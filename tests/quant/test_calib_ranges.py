@@ -27,7 +27,9 @@ def final_bin_width(batches, bins=BINS):
 
 def test_minmax_matches_numpy_over_batches_and_a_100x_wider_one():
     rng = np.random.default_rng(1)
-    batches = [rng.standard_normal((8, 16)) for _ in range(5)] + [100 * rng.standard_normal((4, 3, 5))]
+    batches = [rng.standard_normal((8, 16)) for _ in range(5)] + [
+        100 * rng.standard_normal((4, 3, 5))
+    ]
     rc = collect(batches)
     data = np.concatenate([b.ravel() for b in batches])
     assert rc.range("minmax") == (data.min(), data.max())
@@ -62,7 +64,9 @@ def test_percentile_asymmetric_tails_of_shifted_exponential():
 
 
 def test_percentile_100_is_minmax():
-    rc = collect([np.random.default_rng(5).standard_normal((2500, 2)) * [1.0, 3.0] for _ in range(3)])
+    rc = collect(
+        [np.random.default_rng(5).standard_normal((2500, 2)) * [1.0, 3.0] for _ in range(3)]
+    )
     assert rc.range("percentile", 100) == rc.range("minmax")
     assert rc.range("percentile", 100, symmetric=True) == rc.range("minmax", symmetric=True)
 
@@ -72,7 +76,9 @@ def test_rebinning_gives_the_single_pass_percentiles():
     batches = [scale * rng.standard_normal(30000) for scale in (1, 3, 10, 30, 100, 300)]
     streamed, at_once = collect(batches), collect([np.concatenate(batches)])
     width = final_bin_width(batches)
-    assert width > final_bin_width([np.concatenate(batches)])  # the streamed histogram really was re-binned
+    assert width > final_bin_width(
+        [np.concatenate(batches)]
+    )  # the streamed histogram really was re-binned
     for p in (50, 90, 99, 99.9):
         for symmetric in (False, True):
             got = streamed.range("percentile", p, symmetric)

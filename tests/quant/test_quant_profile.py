@@ -28,11 +28,19 @@ def test_kernel_names_map_to_scopes():
     owners.update(_owners(quantized, owners))
     assert _owner_of("/block/conv/Conv_token_17", owners) == "/block/conv"  # QDQ fusion
     assert _owner_of("/block/conv/Conv_output_0_nchwc", owners) == "/block/conv"  # NCHWc layout
-    assert _owner_of("/block/act/Sigmoid/QuickGeluFusion/", owners) == "/block/act"  # a fusion onnxruntime named
-    assert _owner_of("/block/conv/Conv_output_0.quantize", owners) == "/block/conv"  # Q of the conv's output
+    assert (
+        _owner_of("/block/act/Sigmoid/QuickGeluFusion/", owners) == "/block/act"
+    )  # a fusion onnxruntime named
+    assert (
+        _owner_of("/block/conv/Conv_output_0.quantize", owners) == "/block/conv"
+    )  # Q of the conv's output
     assert _owner_of("/block/conv/Conv_output_0.dequantize", owners) == "/block/conv"
     assert _owner_of("/block/conv/Conv.int8", owners) == "/block/conv"  # a node a quantizer made
     assert _owner_of("ReorderInput_token_3", owners) == ""
-    times = {"/block/conv/Conv_token_17": 30.0, "/block/conv/Conv_output_0.dequantize": 5.0,
-             "/block/act/Sigmoid": 7.0, "ReorderOutput": 2.0}
+    times = {
+        "/block/conv/Conv_token_17": 30.0,
+        "/block/conv/Conv_output_0.dequantize": 5.0,
+        "/block/act/Sigmoid": 7.0,
+        "ReorderOutput": 2.0,
+    }
     assert _by_scope(times, owners) == {"/block/conv": 35.0, "/block/act": 7.0, "": 2.0}

@@ -1,5 +1,6 @@
 """quant(mode=static): QDQ placement that onnxruntime turns into integer kernels, checked against float."""
 
+import re
 import warnings
 
 import numpy as np
@@ -12,6 +13,7 @@ from onnx import helper
 import onnxopt
 from onnxopt.errors import UsageError
 from onnxopt.passes import Quantize
+from onnxopt.passes.quant.ort_profile import scope_of
 from onnxopt.passes.quant.static import activation_params
 
 RNG = np.random.default_rng(0)
@@ -21,11 +23,18 @@ def conv_silu_model():
     """Conv → SiLU (Sigmoid, Mul) → Conv with biases: a YOLO-style block."""
     w1 = (RNG.standard_normal((8, 3, 3, 3)) * 0.3).astype(np.float32)
     w2 = (RNG.standard_normal((4, 8, 3, 3)) * 0.2).astype(np.float32)
-    nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], pads=[1, 1, 1, 1]),
-             helper.make_node("Sigmoid", ["c1"], ["s"]), helper.make_node("Mul", ["c1", "s"], ["a"]),
-             helper.make_node("Conv", ["a", "w2", "b2"], ["y"], pads=[1, 1, 1, 1])]
-    init = {"w1": w1, "b1": RNG.standard_normal(8).astype(np.float32) * 0.1, "w2": w2,
-            "b2": RNG.standard_normal(4).astype(np.float32) * 0.1}
+    nodes = [
+        helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], pads=[1, 1, 1, 1]),
+        helper.make_node("Sigmoid", ["c1"], ["s"]),
+        helper.make_node("Mul", ["c1", "s"], ["a"]),
+        helper.make_node("Conv", ["a", "w2", "b2"], ["y"], pads=[1, 1, 1, 1]),
+    ]
+    init = {
+        "w1": w1,
+        "b1": RNG.standard_normal(8).astype(np.float32) * 0.1,
+        "w2": w2,
+        "b2": RNG.standard_normal(4).astype(np.float32) * 0.1,
+    }
     return make_model(nodes, [("x", F, ["n", 3, 16, 16])], [("y", F, ["n", 4, 16, 16])], init)
 
 
@@ -54,14 +63,28 @@ def test_symmetric_activations_center_the_zero_point():
 @pytest.mark.parametrize("method", ["minmax", "percentile", "entropy"])
 def test_qdq_runs_as_integer_kernels_and_matches_float(calib, method, tmp_path):
     proto = conv_silu_model()
-    model, _ = onnxopt.run(ir.serde.deserialize_model(proto), [Quantize(tune="off", mode="static", calib=calib, method=method)])
+    model, _ = onnxopt.run(
+        ir.serde.deserialize_model(proto),
+        [Quantize(tune="off", mode="static", calib=calib, method=method)],
+    )
     kinds = ops(model)
     assert kinds.count("QuantizeLinear") == 5 and kinds.count("Conv") == 2  # x, c1, s, a, y
-    weights = [n for n in model.graph if n.op_type == "DequantizeLinear" and n.inputs[0].const_value is not None]
-    assert sorted(str(n.inputs[0].const_value.dtype) for n in weights) == ["INT32", "INT32", "INT8", "INT8"]
+    weights = [
+        n
+        for n in model.graph
+        if n.op_type == "DequantizeLinear" and n.inputs[0].const_value is not None
+    ]
+    assert sorted(str(n.inputs[0].const_value.dtype) for n in weights) == [
+        "INT32",
+        "INT32",
+        "INT8",
+        "INT8",
+    ]
     for node in model.graph:
         if node.op_type in ("Conv", "Sigmoid", "Mul"):
-            assert all(v.producer().op_type == "DequantizeLinear" for v in node.inputs if v is not None)
+            assert all(
+                v.producer().op_type == "DequantizeLinear" for v in node.inputs if v is not None
+            )
             assert [u.node.op_type for u in node.outputs[0].uses()] == ["QuantizeLinear"]
     x = RNG.uniform(0, 1, (2, 3, 16, 16)).astype(np.float32)
     expected, got = run_proto(proto, {"x": x})["y"], run_proto(model, {"x": x})["y"]
@@ -74,42 +97,63 @@ def test_qdq_runs_as_integer_kernels_and_matches_float(calib, method, tmp_path):
 
     opts = ort.SessionOptions()
     opts.optimized_model_filepath = str(tmp_path / "ort.onnx")
-    ort.InferenceSession(ir.serde.serialize_model(model).SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    ort.InferenceSession(
+        ir.serde.serialize_model(model).SerializeToString(),
+        opts,
+        providers=["CPUExecutionProvider"],
+    )
     fused = {n.op_type for n in onnx.load(str(tmp_path / "ort.onnx")).graph.node}
     assert {"QLinearConv", "QLinearSigmoid", "QLinearMul"} <= fused and "Conv" not in fused
 
 
 def test_exclude_keeps_float(calib):
-    model, _ = onnxopt.run(ir.serde.deserialize_model(conv_silu_model()),
-                           [Quantize(tune="off", mode="static", calib=calib, exclude="")])
+    model, _ = onnxopt.run(
+        ir.serde.deserialize_model(conv_silu_model()),
+        [Quantize(tune="off", mode="static", calib=calib, exclude="")],
+    )
     assert ops(model).count("QuantizeLinear") == 5
     proto = conv_silu_model()
     for i, node in enumerate(proto.graph.node):
         node.name = f"n{i}"
-    model, _ = onnxopt.run(ir.serde.deserialize_model(proto), [Quantize(tune="off", mode="static", calib=calib, exclude="n[1-3]")])
+    model, _ = onnxopt.run(
+        ir.serde.deserialize_model(proto),
+        [Quantize(tune="off", mode="static", calib=calib, exclude="n[1-3]")],
+    )
     assert ops(model).count("QuantizeLinear") == 2  # the first Conv's input and output only
 
 
 def test_static_needs_calibration_data(tmp_path):
     with pytest.raises(UsageError, match="mode=static needs calibration data"):
         Quantize(tune="off", mode="static")
-    with pytest.raises(UsageError, match="method must be one of"):
+    with pytest.raises(UsageError, match="option method takes one of minmax, percentile, entropy"):
         Quantize(tune="off", mode="static", calib="x.npz", method="mse")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        onnxopt.run(ir.serde.deserialize_model(conv_silu_model()), [Quantize(tune="off", mode="static", calib="random")])
+        onnxopt.run(
+            ir.serde.deserialize_model(conv_silu_model()),
+            [Quantize(tune="off", mode="static", calib="random")],
+        )
     assert any("random inputs" in str(w.message) for w in caught)
 
 
 def test_data_movement_keeps_the_input_scale(calib):
     """Reshape/MaxPool outputs reuse their input's scale, so onnxruntime runs them on int8 directly."""
     w = (RNG.standard_normal((4, 3, 3, 3)) * 0.3).astype(np.float32)
-    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]),
-             helper.make_node("MaxPool", ["c"], ["p"], kernel_shape=[2, 2], strides=[2, 2]),
-             helper.make_node("Conv", ["p", "w2"], ["y"])]
-    proto = make_model(nodes, [("x", F, ["n", 3, 16, 16])], [("y", F, ["n", 2, 8, 8])],
-                       {"w": w, "w2": (RNG.standard_normal((2, 4, 1, 1)) * 0.3).astype(np.float32)})
-    model, _ = onnxopt.run(ir.serde.deserialize_model(proto), [Quantize(tune="off", mode="static", calib=calib, min_cosine=0.5)])
+    nodes = [
+        helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]),
+        helper.make_node("MaxPool", ["c"], ["p"], kernel_shape=[2, 2], strides=[2, 2]),
+        helper.make_node("Conv", ["p", "w2"], ["y"]),
+    ]
+    proto = make_model(
+        nodes,
+        [("x", F, ["n", 3, 16, 16])],
+        [("y", F, ["n", 2, 8, 8])],
+        {"w": w, "w2": (RNG.standard_normal((2, 4, 1, 1)) * 0.3).astype(np.float32)},
+    )
+    model, _ = onnxopt.run(
+        ir.serde.deserialize_model(proto),
+        [Quantize(tune="off", mode="static", calib=calib, min_cosine=0.5)],
+    )
     pool = next(n for n in model.graph if n.op_type == "MaxPool")
     before = pool.inputs[0].producer()  # the DQ of the first Conv's output
     after = next(u.node for u in pool.outputs[0].uses())  # the Q of the pool's output
@@ -122,11 +166,26 @@ def test_cli_warns_in_one_line(tmp_path, capsys):
 
     path = tmp_path / "m.onnx"
     onnx.save(conv_silu_model(), str(path))
-    assert cli("run", path, "--passes", "quant(mode=static,calib=random,tune=off)", "--shape", "x=1,3,16,16", "-o", tmp_path / "q.onnx") == 0
+    assert (
+        cli(
+            "run",
+            path,
+            "--passes",
+            "quant(mode=static,calib=random,tune=off)",
+            "--shape",
+            "x=1,3,16,16",
+            "-o",
+            tmp_path / "q.onnx",
+        )
+        == 0
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("warning: pass quant: calibrating on random inputs")
     assert cli("run", path, "--passes", "quant(mode=static)", "-o", tmp_path / "r.onnx") == 2
-    assert capsys.readouterr().err.strip() == "error: pass quant: mode=static needs calibration data: calib=PATH (.npz or folder), or calib=random"
+    assert (
+        capsys.readouterr().err.strip()
+        == "error: pass quant: mode=static needs calibration data: calib=PATH (.npz or folder), or calib=random"
+    )
 
 
 def test_min_cosine_keeps_the_costliest_scopes_in_float(calib, tmp_path):
@@ -139,10 +198,20 @@ def test_min_cosine_keeps_the_costliest_scopes_in_float(calib, tmp_path):
     big = onnx.numpy_helper.to_array(w2).copy()
     big[0, 0] = 400.0  # one output channel dwarfs the others: per-tensor int8 output loses the rest
     w2.CopyFrom(onnx.numpy_helper.from_array(big, "w2"))
-    loose, _ = onnxopt.run(ir.serde.deserialize_model(proto), [Quantize(tune="off", mode="static", calib=calib, min_cosine=0.5)])
+    loose, _ = onnxopt.run(
+        ir.serde.deserialize_model(proto),
+        [Quantize(tune="off", mode="static", calib=calib, min_cosine=0.5)],
+    )
     strict = Quantize(tune="off", mode="static", calib=calib, min_cosine=0.9999)
     tight, report = onnxopt.run(ir.serde.deserialize_model(proto), [strict])
-    kept = strict.kept_float
+    # the scopes kept float: the note names them all (Sigmoid and Mul have no row), the rows of the
+    # Convs among them say so
+    listed = re.match(r"kept (\d+) scopes \((.*?)\) in float", report.passes[0].notes[0])
+    kept = listed[2].split(", ") if listed else []
+    assert listed and int(listed[1]) == len(kept)
+    for row in report.passes[0].rows:
+        held = (row["why_float"] or "").startswith("kept float to hold min_cosine=0.9999")
+        assert held == (scope_of(row["layer"]) in kept), row
     assert kept and set(kept) <= {"/block0/conv", "/block0/act", "/head/conv"}
     assert report.passes[0].notes[0].startswith(f"kept {len(kept)} scopes (")
     assert "in float to hold min_cosine=0.9999" in report.passes[0].notes[0]

@@ -33,7 +33,9 @@ def output_error(x, w, blocks: Blocks):
 
 def check_blocks(b: Blocks, k, n, symmetric):
     assert b.q.dtype == np.uint8 and b.zero.dtype == np.uint8 and b.scale.dtype == np.float32
-    assert b.q.shape == (n, -(-k // BLOCK), BLOCK) and b.scale.shape == b.zero.shape == b.q.shape[:2]
+    assert (
+        b.q.shape == (n, -(-k // BLOCK), BLOCK) and b.scale.shape == b.zero.shape == b.q.shape[:2]
+    )
     assert b.q.max() <= MAXQ and b.zero.max() <= MAXQ and (b.scale != 0).all()
     if symmetric:
         assert (b.zero == SYMMETRIC_ZERO).all()
@@ -44,7 +46,9 @@ def check_blocks(b: Blocks, k, n, symmetric):
 def test_rtn_is_exact_on_the_grid(symmetric):
     rng = np.random.default_rng(0)
     blocks = K // BLOCK
-    if symmetric:  # codes 0..15 around 8, each block's largest magnitude at code 0 (-8 steps): all 16 codes
+    if (
+        symmetric
+    ):  # codes 0..15 around 8, each block's largest magnitude at code 0 (-8 steps): all 16 codes
         q, zero = rng.integers(1, 16, (N, blocks, BLOCK)), np.full((N, blocks), SYMMETRIC_ZERO)
         q[..., 0] = 0
     else:  # each block spans codes 0..15 and holds its zero point
@@ -97,8 +101,8 @@ def textbook_gptq(w, h, symmetric, damp=0.01):
     out = np.zeros_like(x)
     for i in range(x.shape[1]):
         if i % BLOCK == 0:
-            scale, zero = params(x[:, i:i + BLOCK], symmetric)
-        q = encode(x[:, i:i + 1], scale, zero)[:, 0]
+            scale, zero = params(x[:, i : i + BLOCK], symmetric)
+        q = encode(x[:, i : i + 1], scale, zero)[:, 0]
         out[:, i] = (q - zero.astype(np.float64)) * scale
         err = (x[:, i] - out[:, i]) / hinv[i, i]
         x[:, i:] -= np.outer(err, hinv[i, i:])
@@ -117,8 +121,12 @@ def test_gptq_is_the_textbook_update(symmetric):
 def test_gptq_lazy_batches_change_nothing(act_order):
     w, x = layer_weight(), activations(512, 3)
     one = gptq(w, BLOCK, False, x.T @ x, blocksize=BLOCK, act_order=act_order)
-    four = gptq(w, BLOCK, False, 5 * x.T @ x, blocksize=4 * BLOCK, act_order=act_order)  # H's scale is free
-    odd = gptq(w, BLOCK, False, x.T @ x, blocksize=50, act_order=act_order)  # rounded to whole blocks
+    four = gptq(
+        w, BLOCK, False, 5 * x.T @ x, blocksize=4 * BLOCK, act_order=act_order
+    )  # H's scale is free
+    odd = gptq(
+        w, BLOCK, False, x.T @ x, blocksize=50, act_order=act_order
+    )  # rounded to whole blocks
     for other in (four, odd):
         np.testing.assert_array_equal(one.q, other.q)
         np.testing.assert_allclose(one.scale, other.scale, rtol=1e-6)
@@ -146,10 +154,20 @@ def test_input_hessians_stream_x_transpose_x(tmp_path):
         helper.make_node("Relu", ["a"], ["r"]),
         helper.make_node("MatMul", ["r", "w3"], ["y"]),
     ]
-    weights = {"w1": rng.standard_normal((8, 6)), "w2": rng.standard_normal((8, 4)), "w3": rng.standard_normal((6, 5))}
-    proto = make_model(nodes, [("x", F, ["batch", 3, 8])], [("b", F, ["batch", 3, 4]), ("y", F, ["batch", 3, 5])],
-                       {k: v.astype(np.float32) for k, v in weights.items()})
-    x = rng.standard_normal((40, 3, 8)).astype(np.float32)  # 40 samples: several calibration batches
+    weights = {
+        "w1": rng.standard_normal((8, 6)),
+        "w2": rng.standard_normal((8, 4)),
+        "w3": rng.standard_normal((6, 5)),
+    }
+    proto = make_model(
+        nodes,
+        [("x", F, ["batch", 3, 8])],
+        [("b", F, ["batch", 3, 4]), ("y", F, ["batch", 3, 5])],
+        {k: v.astype(np.float32) for k, v in weights.items()},
+    )
+    x = rng.standard_normal((40, 3, 8)).astype(
+        np.float32
+    )  # 40 samples: several calibration batches
     np.savez(tmp_path / "calib.npz", x=x)
     model = ir.serde.deserialize_model(proto)
     matmuls = [n for n in model.graph if n.op_type == "MatMul"]
@@ -165,19 +183,26 @@ def test_input_hessians_stream_x_transpose_x(tmp_path):
 def test_input_hessians_leave_out_padding_rows(tmp_path):
     """With an attention_mask input, the rows of [batch, seq, K] activations at padding do not count."""
     rng = np.random.default_rng(0)
-    nodes = [helper.make_node("Cast", ["attention_mask"], ["m"], to=TensorProto.FLOAT),
-             helper.make_node("Unsqueeze", ["m", "last"], ["m3"]),
-             helper.make_node("Add", ["x", "m3"], ["h"]),  # something that reads the mask
-             helper.make_node("MatMul", ["h", "w"], ["y"])]
-    proto = make_model(nodes, [("x", F, ["batch", 4, 8]), ("attention_mask", TensorProto.INT64, ["batch", 4])],
-                       [("y", F, ["batch", 4, 3])], {"w": rng.standard_normal((8, 3)).astype(np.float32),
-                                                     "last": np.array([-1], np.int64)})
+    nodes = [
+        helper.make_node("Cast", ["attention_mask"], ["m"], to=TensorProto.FLOAT),
+        helper.make_node("Unsqueeze", ["m", "last"], ["m3"]),
+        helper.make_node("Add", ["x", "m3"], ["h"]),  # something that reads the mask
+        helper.make_node("MatMul", ["h", "w"], ["y"]),
+    ]
+    proto = make_model(
+        nodes,
+        [("x", F, ["batch", 4, 8]), ("attention_mask", TensorProto.INT64, ["batch", 4])],
+        [("y", F, ["batch", 4, 3])],
+        {"w": rng.standard_normal((8, 3)).astype(np.float32), "last": np.array([-1], np.int64)},
+    )
     x = rng.standard_normal((6, 4, 8)).astype(np.float32)
     mask = (np.arange(4)[None] < rng.integers(1, 5, (6, 1))).astype(np.int64)
     x[mask == 0] = 1000.0  # padding: huge, and ignored
     np.savez(tmp_path / "calib.npz", x=x, attention_mask=mask)
     model = ir.serde.deserialize_model(proto)
-    sums, rows = input_hessians(model, [n for n in model.graph if n.op_type == "MatMul"], str(tmp_path / "calib.npz"))
+    sums, rows = input_hessians(
+        model, [n for n in model.graph if n.op_type == "MatMul"], str(tmp_path / "calib.npz")
+    )
     h = (x + mask[..., None].astype(np.float32))[mask != 0].astype(np.float64)
     assert rows == {"h": int(mask.sum())}
     np.testing.assert_allclose(sums["h"], h.T @ h, rtol=1e-6)
