@@ -43,7 +43,10 @@ NEVER_FOLD = {
 
 class Fold(OptPass):
     name = "fold"
-    summary = "Constant folding: evaluate nodes whose inputs are all constant, static shape computations and constant If."
+    summary = (
+        "Constant folding: evaluate nodes whose inputs are all constant, static shape computations "
+        "and constant If."
+    )
     options = (
         Option(
             "size_limit",
