@@ -359,5 +359,5 @@ def require_fidelity(results: list[OutputComparison], budget: float, strictest) 
     if low:
         worst = ", ".join(f"{r.name}: cosine {r.cosine:.6f}" for r in low)
         raise CheckFailed(
-            f"pass {strictest!r} lost too much accuracy: {worst} < {budget:g} (its fidelity budget)"
+            f"pass {strictest} lost too much accuracy: {worst} < {budget:g} (its fidelity budget)"
         )

@@ -1,10 +1,19 @@
 """The onnxopt pass library, one folder per pass, named as on the command line:
-``from onnxopt.passes import Fold, Prune, Fuse, Quantize, WeightQuantize``."""
+``from onnxopt.passes import Fold, Prune, Fuse, Quantize, WeightQuantize``.
 
-from onnxopt.passes.fold import Fold
-from onnxopt.passes.fuse import Fuse
-from onnxopt.passes.prune import Prune
-from onnxopt.passes.quant import Quantize
-from onnxopt.passes.wquant import WeightQuantize
+Every folder here that is a package (and not private, ``_name``) is a pass: importing this package
+imports each one, which registers its pass, and re-exports what its ``__all__`` names. Adding a pass
+is adding a folder; nothing here changes.
+"""
 
-__all__ = ["Fold", "Fuse", "Prune", "Quantize", "WeightQuantize"]
+import importlib
+import pkgutil
+
+__all__: list[str] = []
+
+for _info in sorted(pkgutil.iter_modules(__path__), key=lambda info: info.name):
+    if _info.ispkg and not _info.name.startswith("_"):
+        _module = importlib.import_module(f"{__name__}.{_info.name}")
+        for _name in getattr(_module, "__all__", ()):
+            globals()[_name] = getattr(_module, _name)
+            __all__.append(_name)
