@@ -29,7 +29,12 @@ def single_use(value: ir.Value) -> bool:
 
 def constant(value: ir.Value | None) -> np.ndarray | None:
     """The value of an initializer that a caller cannot override (it is not a graph input)."""
-    if value is None or value.producer() is not None or value.const_value is None or value.is_graph_input():
+    if (
+        value is None
+        or value.producer() is not None
+        or value.const_value is None
+        or value.is_graph_input()
+    ):
         return None
     try:
         return value.const_value.numpy()
@@ -68,7 +73,9 @@ def only_reader(value: ir.Value, *op_types: str) -> ir.Node | None:
 
 def lift_constants(model: ir.Model) -> bool:
     """Constant nodes become initializers, so that every constant is found the same way."""
-    return common.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(model).modified
+    return common.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(
+        model
+    ).modified
 
 
 def remove_unused(model: ir.Model) -> bool:
@@ -88,7 +95,9 @@ def infer_shapes(model: ir.Model) -> None:
     """
     try:
         inferred = _c_api_utils.call_onnx_api(
-            lambda proto: onnx.shape_inference.infer_shapes(proto, check_type=True, strict_mode=False, data_prop=True),
+            lambda proto: onnx.shape_inference.infer_shapes(
+                proto, check_type=True, strict_mode=False, data_prop=True
+            ),
             model,
         )
     except Exception:
@@ -110,7 +119,10 @@ def strictly_valid(model: ir.Model) -> bool:
     """Whether onnx's strict shape inference, which onnxruntime applies on load, accepts the model."""
     try:
         _c_api_utils.call_onnx_api(
-            lambda proto: onnx.shape_inference.infer_shapes(proto, check_type=True, strict_mode=True), model
+            lambda proto: onnx.shape_inference.infer_shapes(
+                proto, check_type=True, strict_mode=True
+            ),
+            model,
         )
     except Exception:
         return False
@@ -134,7 +146,9 @@ def static_shape(value: ir.Value) -> tuple[int, ...] | None:
 
 def add_initializer(graph: ir.Graph, array: np.ndarray, name: str | None = None) -> ir.Value:
     tensor = ir.tensor(array)
-    value = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(tensor.dtype), const_value=tensor)
+    value = ir.Value(
+        name=name, shape=ir.Shape(array.shape), type=ir.TensorType(tensor.dtype), const_value=tensor
+    )
     graph.register_initializer(value)
     return value
 
@@ -162,7 +176,9 @@ def replace_with_constant(value: ir.Value, array: np.ndarray) -> bool:
         return False
     name = value.name
     value.name = f"{name}__folded"
-    constant_value = add_initializer(graph, array if array.flags.c_contiguous else array.copy(), name)
+    constant_value = add_initializer(
+        graph, array if array.flags.c_contiguous else array.copy(), name
+    )
     value.replace_all_uses_with(constant_value, replace_graph_outputs=True)
     return True
 
@@ -206,3 +222,32 @@ def replace_nodes(nodes: list[ir.Node], end: ir.Node, fused: ir.Node) -> bool:
     replace_value(old, out)
     graph.remove(nodes, safe=True)
     return True
+
+
+MS_DOMAIN = "com.microsoft"  # onnxruntime's contrib ops
+
+
+def axes_of(node: ir.Node) -> list[int] | None:
+    """The constant axes of a node: its ``axes`` input (Squeeze/Unsqueeze 13+, Reduce* 18+), else its
+    ``axes`` attribute; None where they are not constant or not given."""
+    if len(node.inputs) > 1 and node.inputs[1] is not None:
+        axes = constant(node.inputs[1])
+        return None if axes is None else [int(a) for a in axes.ravel()]
+    attr = node.attributes.get("axes")
+    return None if attr is None else list(attr.as_ints())
+
+
+# Ops that move no element: they change only the shape.
+SHAPE_OPS = ("Reshape", "Flatten", "Squeeze", "Unsqueeze")
+
+
+def shape_chain(node: ir.Node) -> list[ir.Node]:
+    """The Reshape/Flatten/Squeeze/Unsqueeze nodes that ``node`` reads the result of through one
+    another, first to last and ``node`` itself last, each read only by the next (nodes of an outer
+    graph included)."""
+    chain = [node]
+    while True:
+        prev = producer(chain[0].inputs[0], *SHAPE_OPS)
+        if prev is None or not single_use(chain[0].inputs[0]):
+            return chain
+        chain.insert(0, prev)

@@ -1,5 +1,5 @@
 """The fuse pass: Named fusions."""
 
-from onnxopt.passes.fuse.fuse import Fuse
+from onnxopt.passes.fuse.fuse import Explanation, Fuse
 
-__all__ = ["Fuse"]
+__all__ = ["Explanation", "Fuse"]

@@ -8,9 +8,9 @@ import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common as common
 
-from onnxopt.passbase import OptPass
-
+from onnxopt.passbase import OptPass, Outcome
 from onnxopt.passes._common import (
+    axes_of,
     can_take_name,
     constant,
     graphs_of,
@@ -20,6 +20,7 @@ from onnxopt.passes._common import (
     producer,
     rank,
     replace_value,
+    shape_chain,
     single_use,
 )
 
@@ -31,7 +32,7 @@ class Prune(OptPass):
     summary = "Remove dead nodes and tensors, Identity/Dropout, no-op ops, collapsible chains, duplicates."
     fixed_point = True
 
-    def call(self, model: ir.Model) -> ir.passes.PassResult:
+    def call(self, model: ir.Model) -> Outcome:
         modified = lift_constants(model)
         infer_shapes(model)
         while sweep(model):
@@ -45,7 +46,7 @@ class Prune(OptPass):
             common.RemoveUnusedOpsetsPass(),
         ):
             modified |= cleanup(model).modified
-        return ir.passes.PassResult(model, modified)
+        return Outcome(model, modified)
 
 
 def sweep(model: ir.Model) -> bool:
@@ -62,7 +63,9 @@ class DeduplicateInitializers(common.DeduplicateHashedInitializersPass):
     hashing every weight again in each fixed-point round costs more than the rest of the pass."""
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        tensors = frozenset(id(v.const_value) for g in graphs_of(model) for v in g.initializers.values())
+        tensors = frozenset(
+            id(v.const_value) for g in graphs_of(model) for v in g.initializers.values()
+        )
         if model.meta.get("onnxopt.deduplicated") == tensors:
             return ir.passes.PassResult(model, False)
         result = super().call(model)
@@ -89,15 +92,6 @@ def simplify(node: ir.Node) -> bool:
 
 
 # -- helpers -----------------------------------------------------------------------------------
-
-
-def axes_of(node: ir.Node) -> list[int] | None:
-    """Axes from the ``axes`` input (opset 13+) or attribute; None when not constant or absent."""
-    if len(node.inputs) > 1 and node.inputs[1] is not None:
-        axes = constant(node.inputs[1])
-        return None if axes is None else [int(a) for a in axes.ravel()]
-    attr = node.attributes.get("axes")
-    return None if attr is None else list(attr.as_ints())
 
 
 def normalize(axes: list[int], r: int | None) -> list[int] | None:
@@ -128,7 +122,12 @@ def dropout(node: ir.Node):
     training = node.inputs[2] if len(node.inputs) > 2 else None
     if training is not None and (constant(training) is None or bool(constant(training))):
         return None
-    if len(node.outputs) > 1 and node.outputs[1].uses() or len(node.outputs) > 1 and node.outputs[1].is_graph_output():
+    if (
+        len(node.outputs) > 1
+        and node.outputs[1].uses()
+        or len(node.outputs) > 1
+        and node.outputs[1].is_graph_output()
+    ):
         return None
     return node.inputs[0]
 
@@ -168,7 +167,11 @@ def expand(node: ir.Node):
     if target is None or have is None or target.size > len(have):
         return None
     aligned = have[len(have) - target.size :]
-    return x if all(t == 1 or (d is not None and t == d) for t, d in zip(target.tolist(), aligned)) else None
+    return (
+        x
+        if all(t == 1 or (d is not None and t == d) for t, d in zip(target.tolist(), aligned))
+        else None
+    )
 
 
 def slice_(node: ir.Node):
@@ -178,7 +181,11 @@ def slice_(node: ir.Node):
         return None
     starts, ends = args[0].ravel().tolist(), args[1].ravel().tolist()
     have = dims(x)
-    axes = args[2].ravel().tolist() if len(args) > 2 and args[2] is not None else list(range(len(starts)))
+    axes = (
+        args[2].ravel().tolist()
+        if len(args) > 2 and args[2] is not None
+        else list(range(len(starts)))
+    )
     steps = args[3].ravel().tolist() if len(args) > 3 and args[3] is not None else [1] * len(starts)
     for start, end, axis, step in zip(starts, ends, axes, steps):
         if start != 0 or step != 1:
@@ -222,7 +229,9 @@ IDENTITY_ELEMENT = {"Add": (0, True), "Mul": (1, True), "Sub": (0, False), "Div"
 def arithmetic(node: ir.Node):
     """x+0, 0+x, x-0, x*1, 1*x, x/1 where broadcasting keeps x's shape and type."""
     element, commutes = IDENTITY_ELEMENT[node.op_type]
-    sides = [(node.inputs[0], node.inputs[1])] + ([(node.inputs[1], node.inputs[0])] if commutes else [])
+    sides = [(node.inputs[0], node.inputs[1])] + (
+        [(node.inputs[1], node.inputs[0])] if commutes else []
+    )
     for x, c in sides:
         value = constant(c)
         if value is None or value.size == 0 or not np.all(value == element):
@@ -230,9 +239,11 @@ def arithmetic(node: ir.Node):
         if x.dtype is None or x.dtype != c.dtype or x.dtype != node.outputs[0].dtype:
             continue
         have = dims(x)
-        if value.ndim == 0 or (have is not None and value.ndim <= len(have) and all(
-            c == 1 or c == d for c, d in zip(value.shape, have[len(have) - value.ndim :])
-        )):
+        if value.ndim == 0 or (
+            have is not None
+            and value.ndim <= len(have)
+            and all(c == 1 or c == d for c, d in zip(value.shape, have[len(have) - value.ndim :]))
+        ):
             return x
     return None
 
@@ -255,18 +266,17 @@ def transpose_pair(node: ir.Node):
     return True
 
 
-SHAPE_ONLY = ("Reshape", "Flatten", "Squeeze", "Unsqueeze")
-
-
 def reshape_chain(node: ir.Node):
-    """Reshape(shape-only op(x), s) = Reshape(x, s) when s copies no dims from its input."""
-    inner = producer(node.inputs[0], *SHAPE_ONLY)
+    """Reshape(shape-only ops(x), s) = Reshape(x, s) when s copies no dims from its input: the
+    Reshape reads the start of its ``shape_chain`` (fuse's reshape_chain rule walks the same chain,
+    to replace one that ends in any shape op and has a static result)."""
     target = constant(node.inputs[1])
-    if inner is None or target is None or (0 in target.tolist() and not node.attributes.get_int("allowzero", 0)):
+    if target is None or (0 in target.tolist() and not node.attributes.get_int("allowzero", 0)):
         return None
-    if not single_use(inner.outputs[0]):
+    chain = shape_chain(node)
+    if len(chain) < 2:
         return None
-    node.replace_input_with(0, inner.inputs[0])
+    node.replace_input_with(0, chain[0].inputs[0])
     return True
 
 
@@ -280,7 +290,11 @@ def squeeze_pair(node: ir.Node):
     if outer_axes is None or inner_axes is None:
         return None
     x = inner.inputs[0]
-    middle_rank = None if rank(x) is None else rank(x) + (len(inner_axes) if other == "Unsqueeze" else -len(inner_axes))
+    middle_rank = (
+        None
+        if rank(x) is None
+        else rank(x) + (len(inner_axes) if other == "Unsqueeze" else -len(inner_axes))
+    )
     # Unsqueeze axes count in its output's rank; Squeeze axes in its input's.
     if other == "Unsqueeze":
         a, b = normalize(inner_axes, middle_rank), normalize(outer_axes, middle_rank)
@@ -292,13 +306,39 @@ def squeeze_pair(node: ir.Node):
 # Casting A -> B keeps every value when B holds all of A's values exactly (NaN and infinity too).
 _EXACT_WIDENING = {
     ir.DataType.BOOL: "all",
-    ir.DataType.UINT8: {ir.DataType.UINT16, ir.DataType.UINT32, ir.DataType.UINT64, ir.DataType.INT16,
-                        ir.DataType.INT32, ir.DataType.INT64, ir.DataType.FLOAT16, ir.DataType.FLOAT, ir.DataType.DOUBLE},
-    ir.DataType.INT8: {ir.DataType.INT16, ir.DataType.INT32, ir.DataType.INT64, ir.DataType.FLOAT16,
-                       ir.DataType.FLOAT, ir.DataType.DOUBLE},
-    ir.DataType.UINT16: {ir.DataType.UINT32, ir.DataType.UINT64, ir.DataType.INT32, ir.DataType.INT64,
-                         ir.DataType.FLOAT, ir.DataType.DOUBLE},
-    ir.DataType.INT16: {ir.DataType.INT32, ir.DataType.INT64, ir.DataType.FLOAT, ir.DataType.DOUBLE},
+    ir.DataType.UINT8: {
+        ir.DataType.UINT16,
+        ir.DataType.UINT32,
+        ir.DataType.UINT64,
+        ir.DataType.INT16,
+        ir.DataType.INT32,
+        ir.DataType.INT64,
+        ir.DataType.FLOAT16,
+        ir.DataType.FLOAT,
+        ir.DataType.DOUBLE,
+    },
+    ir.DataType.INT8: {
+        ir.DataType.INT16,
+        ir.DataType.INT32,
+        ir.DataType.INT64,
+        ir.DataType.FLOAT16,
+        ir.DataType.FLOAT,
+        ir.DataType.DOUBLE,
+    },
+    ir.DataType.UINT16: {
+        ir.DataType.UINT32,
+        ir.DataType.UINT64,
+        ir.DataType.INT32,
+        ir.DataType.INT64,
+        ir.DataType.FLOAT,
+        ir.DataType.DOUBLE,
+    },
+    ir.DataType.INT16: {
+        ir.DataType.INT32,
+        ir.DataType.INT64,
+        ir.DataType.FLOAT,
+        ir.DataType.DOUBLE,
+    },
     ir.DataType.UINT32: {ir.DataType.UINT64, ir.DataType.INT64, ir.DataType.DOUBLE},
     ir.DataType.INT32: {ir.DataType.INT64, ir.DataType.DOUBLE},
     ir.DataType.FLOAT16: {ir.DataType.FLOAT, ir.DataType.DOUBLE},
@@ -319,7 +359,11 @@ def cast_chain(node: ir.Node):
         return None
     x = inner.inputs[0]
     middle = ir.DataType(inner.attributes.get_int("to"))
-    if x.dtype is None or not exact_cast(x.dtype, middle) or middle in (ir.DataType.BOOL, ir.DataType.STRING):
+    if (
+        x.dtype is None
+        or not exact_cast(x.dtype, middle)
+        or middle in (ir.DataType.BOOL, ir.DataType.STRING)
+    ):
         return None
     if node.attributes.get_int("to") == x.dtype.value:
         return x

@@ -21,7 +21,9 @@ def x_values(dtype=np.float32):
 
 
 def model(nodes, init=None, opset=17, outputs=("y",), elem=F):
-    return make_model(nodes, [("x", elem, SHAPE)], [(o, elem, SHAPE) for o in outputs], init or {}, opset=opset)
+    return make_model(
+        nodes, [("x", elem, SHAPE)], [(o, elem, SHAPE) for o in outputs], init or {}, opset=opset
+    )
 
 
 def fuse(proto, rule, dtype=np.float32):
@@ -45,11 +47,14 @@ def test_rules_are_listed():
 
 
 @pytest.mark.parametrize("opset", [9, 17])
-@pytest.mark.parametrize("nodes", [
-    [node("Max", ["x", "lo"], "m"), node("Min", ["m", "hi"], "y")],
-    [node("Max", ["lo", "x"], "m"), node("Min", ["hi", "m"], "y")],
-    [node("Min", ["x", "hi"], "m"), node("Max", ["m", "lo"], "y")],
-])
+@pytest.mark.parametrize(
+    "nodes",
+    [
+        [node("Max", ["x", "lo"], "m"), node("Min", ["m", "hi"], "y")],
+        [node("Max", ["lo", "x"], "m"), node("Min", ["hi", "m"], "y")],
+        [node("Min", ["x", "hi"], "m"), node("Max", ["m", "lo"], "y")],
+    ],
+)
 def test_min_max_clip_fires(nodes, opset):
     fused = fuse(model(nodes, {"lo": s(-1), "hi": s([2.5])}, opset=opset), "min_max_clip")
     assert ops(fused) == ["Clip"]
@@ -59,23 +64,50 @@ def test_min_max_clip_fires(nodes, opset):
 
 
 def test_min_max_clip_keeps_float16():
-    proto = model([node("Max", ["x", "lo"], "m"), node("Min", ["m", "hi"], "y")],
-                  {"lo": s(0, np.float16), "hi": s(6, np.float16)}, elem=TensorProto.FLOAT16)
+    proto = model(
+        [node("Max", ["x", "lo"], "m"), node("Min", ["m", "hi"], "y")],
+        {"lo": s(0, np.float16), "hi": s(6, np.float16)},
+        elem=TensorProto.FLOAT16,
+    )
     fused = fuse(proto, "min_max_clip", np.float16)
     assert ops(fused) == ["Clip"]
     assert [v.dtype for v in fused.graph.node(0).inputs] == [ir.DataType.FLOAT16] * 3
 
 
-@pytest.mark.parametrize("nodes, init, outputs", [
-    ([node("Max", ["x", "lo"], "m"), node("Min", ["m", "hi"], "y")], {"lo": s(3), "hi": s(1)}, ("y",)),  # lo > hi
-    ([node("Max", ["x", "lo"], "m"), node("Min", ["m", "hi"], "y")],  # per-element bounds
-     {"lo": RNG.uniform(-2, 0, [8]).astype(np.float32), "hi": s(1)}, ("y",)),
-    ([node("Max", ["x", "lo"], "m"), node("Min", ["m", "hi"], "y")], {"lo": s(0), "hi": s(1)}, ("y", "m")),
-    ([node("Max", ["x", "lo"], "m"), node("Min", ["m", "hi"], "y"), node("Add", ["m", "y"], "z")],
-     {"lo": s(0), "hi": s(1)}, ("z",)),  # the Max is read twice
-    ([node("Max", ["x", "lo", "lo2"], "m"), node("Min", ["m", "hi"], "y")],
-     {"lo": s(0), "lo2": s(-1), "hi": s(1)}, ("y",)),
-])
+@pytest.mark.parametrize(
+    "nodes, init, outputs",
+    [
+        (
+            [node("Max", ["x", "lo"], "m"), node("Min", ["m", "hi"], "y")],
+            {"lo": s(3), "hi": s(1)},
+            ("y",),
+        ),  # lo > hi
+        (
+            [node("Max", ["x", "lo"], "m"), node("Min", ["m", "hi"], "y")],  # per-element bounds
+            {"lo": RNG.uniform(-2, 0, [8]).astype(np.float32), "hi": s(1)},
+            ("y",),
+        ),
+        (
+            [node("Max", ["x", "lo"], "m"), node("Min", ["m", "hi"], "y")],
+            {"lo": s(0), "hi": s(1)},
+            ("y", "m"),
+        ),
+        (
+            [
+                node("Max", ["x", "lo"], "m"),
+                node("Min", ["m", "hi"], "y"),
+                node("Add", ["m", "y"], "z"),
+            ],
+            {"lo": s(0), "hi": s(1)},
+            ("z",),
+        ),  # the Max is read twice
+        (
+            [node("Max", ["x", "lo", "lo2"], "m"), node("Min", ["m", "hi"], "y")],
+            {"lo": s(0), "lo2": s(-1), "hi": s(1)},
+            ("y",),
+        ),
+    ],
+)
 def test_min_max_clip_refused(nodes, init, outputs):
     fused = fuse(model(nodes, init, outputs=outputs), "min_max_clip")
     assert "Clip" not in ops(fused)
@@ -93,14 +125,17 @@ def clip(inp, out, lo=None, hi=None, name=""):
     return node("Clip", inputs, out), init
 
 
-@pytest.mark.parametrize("inner, outer, want, bounds", [
-    (("Relu",), ("Relu",), "Relu", None),
-    (("Relu",), (-1, 6), "Clip", (0, 6)),
-    ((-2, 3), ("Relu",), "Clip", (0, 3)),
-    ((-1, 4), (2, 6), "Clip", (2, 4)),
-    ((None, 4), (-3, None), "Clip", (-3, 4)),
-    ((-5, None), (0, None), "Relu", None),
-])
+@pytest.mark.parametrize(
+    "inner, outer, want, bounds",
+    [
+        (("Relu",), ("Relu",), "Relu", None),
+        (("Relu",), (-1, 6), "Clip", (0, 6)),
+        ((-2, 3), ("Relu",), "Clip", (0, 3)),
+        ((-1, 4), (2, 6), "Clip", (2, 4)),
+        ((None, 4), (-3, None), "Clip", (-3, 4)),
+        ((-5, None), (0, None), "Relu", None),
+    ],
+)
 def test_clip_chain_merges(inner, outer, want, bounds):
     nodes, init = [], {}
     for spec, inp, out, name in ((inner, "x", "a", "i"), (outer, "a", "y", "o")):
@@ -130,7 +165,9 @@ def test_clip_chain_bounds_take_the_inputs_dtype():
 @pytest.mark.parametrize("case", ["disjoint", "shared", "output", "input_bound", "opset10"])
 def test_clip_chain_refused(case):
     inner, init = clip("x", "a", 0, 1, name="i")
-    outer, more = clip("a", "y", 2, 3, name="o") if case == "disjoint" else clip("a", "y", -1, 0.5, name="o")
+    outer, more = (
+        clip("a", "y", 2, 3, name="o") if case == "disjoint" else clip("a", "y", -1, 0.5, name="o")
+    )
     init.update(more)
     nodes, outputs, inputs = [inner, outer], ["y"], [("x", F, SHAPE)]
     if case == "shared":
@@ -160,12 +197,15 @@ def relu6_of_x_plus_3(out="c"):
 SIX = {"three": s(3), "zero": s(0), "six": s(6), "sixth": s(1 / 6)}
 
 
-@pytest.mark.parametrize("tail", [
-    [node("Div", ["c", "six"], "h"), node("Mul", ["x", "h"], "y")],
-    [node("Mul", ["sixth", "c"], "h"), node("Mul", ["h", "x"], "y")],
-    [node("Mul", ["x", "c"], "m"), node("Div", ["m", "six"], "y")],
-    [node("Mul", ["c", "x"], "m"), node("Mul", ["m", "sixth"], "y")],
-])
+@pytest.mark.parametrize(
+    "tail",
+    [
+        [node("Div", ["c", "six"], "h"), node("Mul", ["x", "h"], "y")],
+        [node("Mul", ["sixth", "c"], "h"), node("Mul", ["h", "x"], "y")],
+        [node("Mul", ["x", "c"], "m"), node("Div", ["m", "six"], "y")],
+        [node("Mul", ["c", "x"], "m"), node("Mul", ["m", "sixth"], "y")],
+    ],
+)
 def test_hardswish_from_the_clip_form(tail):
     fused = fuse(model(relu6_of_x_plus_3() + tail, SIX), "hardswish")
     assert ops(fused) == ["HardSwish"]
@@ -181,11 +221,26 @@ def test_hardsigmoid_from_the_clip_form_alone():
     fused = fuse(model(relu6_of_x_plus_3() + [node("Div", ["c", "six"], "y")], SIX), "hardswish")
     assert ops(fused) == ["HardSigmoid"]
     attributes = fused.graph.node(0).attributes
-    assert attributes.get_float("alpha") == pytest.approx(1 / 6) and attributes.get_float("beta") == 0.5
+    assert (
+        attributes.get_float("alpha") == pytest.approx(1 / 6)
+        and attributes.get_float("beta") == 0.5
+    )
 
 
-@pytest.mark.parametrize("case", ["alpha", "opset13", "times_other", "shared", "add_shared", "clip_to_5",
-                                  "clip_from_1", "add_2", "clip_times_other"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "alpha",
+        "opset13",
+        "times_other",
+        "shared",
+        "add_shared",
+        "clip_to_5",
+        "clip_from_1",
+        "add_2",
+        "clip_times_other",
+    ],
+)
 def test_hardswish_refused(case):
     if case in ("alpha", "opset13", "times_other"):
         alpha = 0.2 if case == "alpha" else 1 / 6
@@ -193,14 +248,21 @@ def test_hardswish_refused(case):
         nodes = [node("HardSigmoid", ["x"], "h", alpha=alpha), node("Mul", [factor, "h"], "y")]
         proto = model(nodes, {"k": s(2)}, opset=13 if case == "opset13" else 17)
     else:
-        bounds = {"clip_to_5": ["zero", "five"], "clip_from_1": ["one", "six"]}.get(case, ["zero", "six"])
-        nodes = [node("Add", ["x", "two" if case == "add_2" else "three"], "a"), node("Clip", ["a", *bounds], "c")]
+        bounds = {"clip_to_5": ["zero", "five"], "clip_from_1": ["one", "six"]}.get(
+            case, ["zero", "six"]
+        )
+        nodes = [
+            node("Add", ["x", "two" if case == "add_2" else "three"], "a"),
+            node("Clip", ["a", *bounds], "c"),
+        ]
         if case == "clip_times_other":  # (k * Clip(x + 3, 0, 6)) / 6
             nodes += [node("Mul", ["k", "c"], "m"), node("Div", ["m", "six"], "y")]
         else:
             nodes += [node("Div", ["c", "six"], "h"), node("Mul", ["x", "h"], "y")]
         outputs = ("y", {"shared": "c", "add_shared": "a"}[case]) if "shared" in case else ("y",)
-        proto = model(nodes, {**SIX, "two": s(2), "one": s(1), "five": s(5), "k": s(2)}, outputs=outputs)
+        proto = model(
+            nodes, {**SIX, "two": s(2), "one": s(1), "five": s(5), "k": s(2)}, outputs=outputs
+        )
     fused = fuse(proto, "hardswish")
     assert ops(fused) == [n.op_type for n in proto.graph.node]
 
@@ -209,7 +271,9 @@ def test_hardswish_refused(case):
 
 
 def swish_model(opset, outputs=("y",), inputs=("x", "s")):
-    return model([node("Sigmoid", ["x"], "s"), node("Mul", list(inputs), "y")], opset=opset, outputs=outputs)
+    return model(
+        [node("Sigmoid", ["x"], "s"), node("Mul", list(inputs), "y")], opset=opset, outputs=outputs
+    )
 
 
 @pytest.mark.skipif(SWISH_SINCE is None, reason="the installed onnx has no Swish")
@@ -222,7 +286,9 @@ def test_swish_fuses_from_its_opset(inputs):
     assert count_swish(fused) == 0
 
 
-@pytest.mark.parametrize("opset, outputs", [(17, ("y",)), (SWISH_SINCE or 17, ("y", "s")), (SWISH_LAST + 1, ("y",))])
+@pytest.mark.parametrize(
+    "opset, outputs", [(17, ("y",)), (SWISH_SINCE or 17, ("y", "s")), (SWISH_LAST + 1, ("y",))]
+)
 def test_swish_recognised_but_left_alone(opset, outputs):
     proto = swish_model(opset, outputs)
     fused = fuse(proto, "swish")
@@ -238,9 +304,15 @@ def test_inspect_reports_swish_left_as_is():
 
 
 def test_count_swish_ignores_other_products():
-    nodes = [node("Sigmoid", ["x"], "s"), node("Mul", ["s", "s"], "q"), node("Neg", ["x"], "n"),
-             node("Mul", ["n", "s"], "p"), node("Mul", ["x", "s"], "w"), node("Add", ["q", "p"], "r"),
-             node("Add", ["r", "w"], "y")]
+    nodes = [
+        node("Sigmoid", ["x"], "s"),
+        node("Mul", ["s", "s"], "q"),
+        node("Neg", ["x"], "n"),
+        node("Mul", ["n", "s"], "p"),
+        node("Mul", ["x", "s"], "w"),
+        node("Add", ["q", "p"], "r"),
+        node("Add", ["r", "w"], "y"),
+    ]
     assert count_swish(ir.serde.deserialize_model(model(nodes))) == 1
 
 

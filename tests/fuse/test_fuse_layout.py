@@ -57,19 +57,48 @@ def pad_model(op, pads, x_shape, opset=17, value=None, axes=None, mode="constant
         reader = helper.make_node("Conv", ["p", "w"], ["y"], **attrs)
     else:
         reader = helper.make_node(op, ["p"], ["y"], kernel_shape=[3] * (len(x_shape) - 2), **attrs)
-    return make_model([pad, reader], [("x", F, x_shape)], [("y", F, dims(len(x_shape)))], init, opset=opset)
+    return make_model(
+        [pad, reader], [("x", F, x_shape)], [("y", F, dims(len(x_shape)))], init, opset=opset
+    )
 
 
-@pytest.mark.parametrize("op, pads, opset, value, axes, attrs, merged", [
-    ("Conv", [0, 0, 1, 2, 0, 0, 3, 1], 17, None, None, {}, [1, 2, 3, 1]),
-    ("Conv", [0, 0, 1, 1, 0, 0, 1, 1], 17, 0.0, None, {"pads": [1, 0, 0, 2], "strides": [2, 2]}, [2, 1, 1, 3]),
-    ("Conv", [0, 0, 2, 0, 0, 1], 13, None, None, {}, [2, 1]),
-    ("Conv", [0, 0, 1, 1, 0, 0, 1, 1], 10, 0.0, None, {}, [1, 1, 1, 1]),
-    ("Conv", [1, 2, 0, 1], 18, None, [-2, 3], {}, [1, 2, 0, 1]),
-    ("AveragePool", [0, 0, 1, 1, 0, 0, 1, 0], 17, None, None, {"count_include_pad": 1}, [1, 1, 1, 0]),
-    ("AveragePool", [0, 0, 1, 1, 0, 0, 1, 1], 10, None, None, {"count_include_pad": 1, "pads": [1, 0, 0, 0]}, [2, 1, 1, 1]),
-    ("MaxPool", [0, 0, 1, 2, 0, 0, 2, 0], 13, -np.inf, None, {"strides": [2, 2]}, [1, 2, 2, 0]),
-])
+@pytest.mark.parametrize(
+    "op, pads, opset, value, axes, attrs, merged",
+    [
+        ("Conv", [0, 0, 1, 2, 0, 0, 3, 1], 17, None, None, {}, [1, 2, 3, 1]),
+        (
+            "Conv",
+            [0, 0, 1, 1, 0, 0, 1, 1],
+            17,
+            0.0,
+            None,
+            {"pads": [1, 0, 0, 2], "strides": [2, 2]},
+            [2, 1, 1, 3],
+        ),
+        ("Conv", [0, 0, 2, 0, 0, 1], 13, None, None, {}, [2, 1]),
+        ("Conv", [0, 0, 1, 1, 0, 0, 1, 1], 10, 0.0, None, {}, [1, 1, 1, 1]),
+        ("Conv", [1, 2, 0, 1], 18, None, [-2, 3], {}, [1, 2, 0, 1]),
+        (
+            "AveragePool",
+            [0, 0, 1, 1, 0, 0, 1, 0],
+            17,
+            None,
+            None,
+            {"count_include_pad": 1},
+            [1, 1, 1, 0],
+        ),
+        (
+            "AveragePool",
+            [0, 0, 1, 1, 0, 0, 1, 1],
+            10,
+            None,
+            None,
+            {"count_include_pad": 1, "pads": [1, 0, 0, 0]},
+            [2, 1, 1, 1],
+        ),
+        ("MaxPool", [0, 0, 1, 2, 0, 0, 2, 0], 13, -np.inf, None, {"strides": [2, 2]}, [1, 2, 2, 0]),
+    ],
+)
 def test_pad_conv_folds_the_pads(op, pads, opset, value, axes, attrs, merged):
     x_shape = [2, 2, 7] if len(pads) == 6 else [2, 2, 7, 6]
     proto = pad_model(op, pads, x_shape, opset, value, axes, attrs=attrs)
@@ -78,19 +107,27 @@ def test_pad_conv_folds_the_pads(op, pads, opset, value, axes, attrs, merged):
     assert list(node_of(model, op).attributes.get_ints("pads")) == merged
 
 
-@pytest.mark.parametrize("op, pads, kwargs, attrs", [
-    ("Conv", [0, 0, 1, 1, 0, 0, 1, 1], {"mode": "reflect"}, {}),
-    ("Conv", [0, 0, 1, 1, 0, 0, 1, 1], {"value": 0.5}, {}),
-    ("Conv", [0, 1, 1, 1, 0, 0, 1, 1], {}, {}),                       # pads the channel axis
-    ("Conv", [1, 0, 0, 0, 0, 0, 0, 0], {}, {}),                       # pads the batch axis
-    ("Conv", [0, 0, -1, 0, 0, 0, 1, 1], {}, {}),                      # crops
-    ("Conv", [0, 0, 1, 1, 0, 0, 1, 1], {}, {"auto_pad": "SAME_UPPER"}),
-    ("AveragePool", [0, 0, 1, 1, 0, 0, 1, 1], {}, {"count_include_pad": 0}),
-    ("AveragePool", [0, 0, 1, 1, 0, 0, 1, 1], {}, {"count_include_pad": 1, "ceil_mode": 1}),
-    ("AveragePool", [0, 0, 3, 0, 0, 0, 0, 0], {}, {"count_include_pad": 1}),  # pads as large as the kernel
-    ("MaxPool", [0, 0, 1, 1, 0, 0, 1, 1], {}, {}),                    # a zero fill can be the maximum
-    ("MaxPool", [0, 0, 1, 1, 0, 0, 1, 1], {"value": -np.inf}, {"dilations": [2, 2]}),
-])
+@pytest.mark.parametrize(
+    "op, pads, kwargs, attrs",
+    [
+        ("Conv", [0, 0, 1, 1, 0, 0, 1, 1], {"mode": "reflect"}, {}),
+        ("Conv", [0, 0, 1, 1, 0, 0, 1, 1], {"value": 0.5}, {}),
+        ("Conv", [0, 1, 1, 1, 0, 0, 1, 1], {}, {}),  # pads the channel axis
+        ("Conv", [1, 0, 0, 0, 0, 0, 0, 0], {}, {}),  # pads the batch axis
+        ("Conv", [0, 0, -1, 0, 0, 0, 1, 1], {}, {}),  # crops
+        ("Conv", [0, 0, 1, 1, 0, 0, 1, 1], {}, {"auto_pad": "SAME_UPPER"}),
+        ("AveragePool", [0, 0, 1, 1, 0, 0, 1, 1], {}, {"count_include_pad": 0}),
+        ("AveragePool", [0, 0, 1, 1, 0, 0, 1, 1], {}, {"count_include_pad": 1, "ceil_mode": 1}),
+        (
+            "AveragePool",
+            [0, 0, 3, 0, 0, 0, 0, 0],
+            {},
+            {"count_include_pad": 1},
+        ),  # pads as large as the kernel
+        ("MaxPool", [0, 0, 1, 1, 0, 0, 1, 1], {}, {}),  # a zero fill can be the maximum
+        ("MaxPool", [0, 0, 1, 1, 0, 0, 1, 1], {"value": -np.inf}, {"dilations": [2, 2]}),
+    ],
+)
 def test_pad_conv_refused(op, pads, kwargs, attrs):
     proto = pad_model(op, pads, [1, 2, 7, 6], attrs=attrs, **kwargs)
     model, _ = optimize(proto, [Fuse()], {"x": rand(1, 2, 7, 6)}, atol=1e-5, rtol=1e-4)
@@ -99,9 +136,17 @@ def test_pad_conv_refused(op, pads, kwargs, attrs):
 
 def test_pad_conv_refused_when_the_pad_is_read_twice():
     pad, init = pad_node([0, 0, 1, 1, 0, 0, 1, 1], 17)
-    nodes = [pad, helper.make_node("Conv", ["p", "w"], ["y"]), helper.make_node("Conv", ["p", "w"], ["z"])]
-    proto = make_model(nodes, [("x", F, [1, 2, 5, 5])], [("y", F, dims(4)), ("z", F, dims(4))],
-                       {**init, "w": rand(3, 2, 3, 3)})
+    nodes = [
+        pad,
+        helper.make_node("Conv", ["p", "w"], ["y"]),
+        helper.make_node("Conv", ["p", "w"], ["z"]),
+    ]
+    proto = make_model(
+        nodes,
+        [("x", F, [1, 2, 5, 5])],
+        [("y", F, dims(4)), ("z", F, dims(4))],
+        {**init, "w": rand(3, 2, 3, 3)},
+    )
     model, _ = optimize(proto, [Fuse()], {"x": rand(1, 2, 5, 5)})
     assert ops(model) == ["Pad", "Conv", "Conv"]
 
@@ -109,24 +154,50 @@ def test_pad_conv_refused_when_the_pad_is_read_twice():
 # transpose_gemm and transpose_matmul
 
 
-@pytest.mark.parametrize("on_a, on_b, trans_b", [(True, False, 0), (False, True, 1), (True, True, 0)])
+@pytest.mark.parametrize(
+    "on_a, on_b, trans_b", [(True, False, 0), (False, True, 1), (True, True, 0)]
+)
 def test_transpose_gemm_flips_the_flags(on_a, on_b, trans_b):
     a_shape = [4, 3] if on_a else [3, 4]
-    b_shape = [4, 5] if on_b == bool(trans_b) else [5, 4]  # what the Gemm reads is [4, 5], or [5, 4] with transB
-    nodes = [helper.make_node("Transpose", [v], [v + "t"], perm=[1, 0]) for v, on in (("a", on_a), ("b", on_b)) if on]
-    nodes.append(helper.make_node("Gemm", ["at" if on_a else "a", "bt" if on_b else "b", "c"], ["y"], alpha=0.5, transB=trans_b))
-    proto = make_model(nodes, [("a", F, a_shape), ("b", F, b_shape)], [("y", F, [3, 5])], {"c": rand(5)})
+    b_shape = (
+        [4, 5] if on_b == bool(trans_b) else [5, 4]
+    )  # what the Gemm reads is [4, 5], or [5, 4] with transB
+    nodes = [
+        helper.make_node("Transpose", [v], [v + "t"], perm=[1, 0])
+        for v, on in (("a", on_a), ("b", on_b))
+        if on
+    ]
+    nodes.append(
+        helper.make_node(
+            "Gemm",
+            ["at" if on_a else "a", "bt" if on_b else "b", "c"],
+            ["y"],
+            alpha=0.5,
+            transB=trans_b,
+        )
+    )
+    proto = make_model(
+        nodes, [("a", F, a_shape), ("b", F, b_shape)], [("y", F, [3, 5])], {"c": rand(5)}
+    )
     feeds = {"a": rand(*a_shape), "b": rand(*b_shape)}
     model, _ = optimize(proto, [Fuse(only="transpose_gemm")], feeds, atol=1e-5, rtol=1e-4)
     assert ops(model) == ["Gemm"]
     gemm = node_of(model, "Gemm")
-    assert (gemm.attributes.get_int("transA", 0), gemm.attributes.get_int("transB", 0)) == (int(on_a), int(on_b) ^ trans_b)
+    assert (gemm.attributes.get_int("transA", 0), gemm.attributes.get_int("transB", 0)) == (
+        int(on_a),
+        int(on_b) ^ trans_b,
+    )
 
 
 def test_transpose_gemm_refused_when_the_transpose_has_another_reader():
-    nodes = [helper.make_node("Transpose", ["a"], ["at"], perm=[1, 0]),
-             helper.make_node("Gemm", ["at", "w"], ["y"]), helper.make_node("Relu", ["at"], ["z"])]
-    proto = make_model(nodes, [("a", F, [4, 3])], [("y", F, [3, 5]), ("z", F, [3, 4])], {"w": rand(4, 5)})
+    nodes = [
+        helper.make_node("Transpose", ["a"], ["at"], perm=[1, 0]),
+        helper.make_node("Gemm", ["at", "w"], ["y"]),
+        helper.make_node("Relu", ["at"], ["z"]),
+    ]
+    proto = make_model(
+        nodes, [("a", F, [4, 3])], [("y", F, [3, 5]), ("z", F, [3, 4])], {"w": rand(4, 5)}
+    )
     model, _ = optimize(proto, [Fuse()], {"a": rand(4, 3)})
     assert ops(model) == ["Transpose", "Gemm", "Relu"]
 
@@ -135,31 +206,48 @@ def test_transpose_gemm_refused_when_the_transpose_has_another_reader():
 def test_transpose_matmul_becomes_a_gemm(side):
     shapes = ([4, 3], [4, 5]) if side == 0 else ([3, 4], [5, 4])
     names = ["xt", "w"] if side == 0 else ["x", "wt"]
-    nodes = [helper.make_node("Transpose", [["x", "w"][side]], [names[side]], perm=[1, 0]),
-             helper.make_node("MatMul", names, ["y"])]
+    nodes = [
+        helper.make_node("Transpose", [["x", "w"][side]], [names[side]], perm=[1, 0]),
+        helper.make_node("MatMul", names, ["y"]),
+    ]
     proto = make_model(nodes, [("x", F, shapes[0]), ("w", F, shapes[1])], [("y", F, [3, 5])])
     feeds = {"x": rand(*shapes[0]), "w": rand(*shapes[1])}
     model, _ = optimize(proto, [Fuse(only="transpose_matmul")], feeds, atol=1e-5, rtol=1e-4)
     assert ops(model) == ["Gemm"]
     gemm = node_of(model, "Gemm")
-    assert (gemm.attributes.get_int("transA", 0), gemm.attributes.get_int("transB", 0)) == (1 - side, side)
+    assert (gemm.attributes.get_int("transA", 0), gemm.attributes.get_int("transB", 0)) == (
+        1 - side,
+        side,
+    )
 
 
 def test_transpose_matmul_folds_a_constant_transpose():
     # a batched MatMul cannot be a Gemm, but a transposed constant weight can be stored transposed
-    nodes = [helper.make_node("Transpose", ["w"], ["wt"], perm=[1, 0]), helper.make_node("MatMul", ["x", "wt"], ["y"])]
+    nodes = [
+        helper.make_node("Transpose", ["w"], ["wt"], perm=[1, 0]),
+        helper.make_node("MatMul", ["x", "wt"], ["y"]),
+    ]
     proto = make_model(nodes, [("x", F, [2, 3, 4])], [("y", F, dims(3))], {"w": rand(5, 4)})
-    model, _ = optimize(proto, [Fuse(only="transpose_matmul")], {"x": rand(2, 3, 4)}, atol=1e-5, rtol=1e-4)
+    model, _ = optimize(
+        proto, [Fuse(only="transpose_matmul")], {"x": rand(2, 3, 4)}, atol=1e-5, rtol=1e-4
+    )
     assert ops(model) == ["MatMul"]
     assert "w" not in model.graph.initializers
     assert node_of(model, "MatMul").inputs[1].const_value.numpy().shape == (4, 5)
 
 
 def test_transpose_matmul_keeps_a_constant_another_node_reads():
-    nodes = [helper.make_node("Transpose", ["w"], ["wt"], perm=[1, 0]), helper.make_node("MatMul", ["x", "wt"], ["y"]),
-             helper.make_node("Relu", ["w"], ["z"])]
-    proto = make_model(nodes, [("x", F, [2, 3, 4])], [("y", F, dims(3)), ("z", F, [5, 4])], {"w": rand(5, 4)})
-    model, _ = optimize(proto, [Fuse(only="transpose_matmul")], {"x": rand(2, 3, 4)}, atol=1e-5, rtol=1e-4)
+    nodes = [
+        helper.make_node("Transpose", ["w"], ["wt"], perm=[1, 0]),
+        helper.make_node("MatMul", ["x", "wt"], ["y"]),
+        helper.make_node("Relu", ["w"], ["z"]),
+    ]
+    proto = make_model(
+        nodes, [("x", F, [2, 3, 4])], [("y", F, dims(3)), ("z", F, [5, 4])], {"w": rand(5, 4)}
+    )
+    model, _ = optimize(
+        proto, [Fuse(only="transpose_matmul")], {"x": rand(2, 3, 4)}, atol=1e-5, rtol=1e-4
+    )
     assert ops(model) == ["MatMul", "Relu"]
     assert "w" in model.graph.initializers
 
@@ -168,7 +256,10 @@ def test_transpose_matmul_keeps_a_constant_another_node_reads():
 def test_transpose_matmul_refused(case):
     x_shape, opset = ([2, 4, 3], 17) if case == "3d" else ([4, 3], 10 if case == "opset10" else 17)
     perm = [0, 2, 1] if case == "3d" else [1, 0]
-    nodes = [helper.make_node("Transpose", ["x"], ["xt"], perm=perm), helper.make_node("MatMul", ["xt", "w"], ["y"])]
+    nodes = [
+        helper.make_node("Transpose", ["x"], ["xt"], perm=perm),
+        helper.make_node("MatMul", ["xt", "w"], ["y"]),
+    ]
     outputs = [("y", F, dims(len(x_shape)))]
     if case == "shared":
         outputs.append(("xt", F, [3, 4]))
@@ -188,16 +279,25 @@ def chain_nodes(opset=17):
     else:
         unsqueeze = helper.make_node("Unsqueeze", ["f"], ["u"], axes=[2])
         squeeze = helper.make_node("Squeeze", ["r"], ["y"], axes=[3])
-    nodes = [helper.make_node("Flatten", ["x"], ["f"], axis=1), unsqueeze,
-             helper.make_node("Reshape", ["u", "shape"], ["r"]), squeeze]
+    nodes = [
+        helper.make_node("Flatten", ["x"], ["f"], axis=1),
+        unsqueeze,
+        helper.make_node("Reshape", ["u", "shape"], ["r"]),
+        squeeze,
+    ]
     return nodes, {"ax2": i64(2), "ax3": i64(3), "shape": i64(0, 4, 3, 1)}
 
 
 @pytest.mark.parametrize("opset", [11, 17])
 def test_reshape_chain_to_a_static_shape(opset):
     nodes, init = chain_nodes(opset)
-    proto = make_model(nodes, [("x", F, [2, 3, 4])], [("y", F, dims(3))], init if opset >= 13 else {"shape": init["shape"]},
-                       opset=opset)
+    proto = make_model(
+        nodes,
+        [("x", F, [2, 3, 4])],
+        [("y", F, dims(3))],
+        init if opset >= 13 else {"shape": init["shape"]},
+        opset=opset,
+    )
     model, _ = optimize(proto, [Fuse(only="reshape_chain")], {"x": rand(2, 3, 4)})
     assert ops(model) == ["Reshape"]
     reshape = node_of(model, "Reshape")
@@ -220,7 +320,10 @@ def test_reshape_chain_keeps_a_dynamic_batch_dim():
 @pytest.mark.parametrize("case", ["dynamic", "batch_moved", "graph_output", "lone"])
 def test_reshape_chain_refused(case):
     init = {"shape": i64(-1, 4, 3)}
-    nodes = [helper.make_node("Flatten", ["x"], ["f"], axis=1), helper.make_node("Reshape", ["f", "shape"], ["y"])]
+    nodes = [
+        helper.make_node("Flatten", ["x"], ["f"], axis=1),
+        helper.make_node("Reshape", ["f", "shape"], ["y"]),
+    ]
     x_shape, outputs = ["n", 3, 4], [("y", F, dims(3))]
     if case == "dynamic":
         x_shape, init = [2, "m", 4], {"shape": i64(0, 4, -1)}

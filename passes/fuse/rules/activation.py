@@ -9,10 +9,28 @@ import onnx
 import onnx_ir as ir
 
 from onnxopt.passes._common import (
-    RTOL, add_initializer, fresh_name, graphs_of, is_scalar, is_standard, only_reader, other_input, producer,
-    replace_nodes, scalar, single_use,
+    RTOL,
+    add_initializer,
+    fresh_name,
+    graphs_of,
+    is_scalar,
+    is_standard,
+    only_reader,
+    other_input,
+    producer,
+    scalar,
+    single_use,
 )
-from onnxopt.passes.fuse.rule import Context, rule
+from onnxopt.passes.fuse.rule import (
+    Context,
+    Match,
+    dtype,
+    not_made_by,
+    not_read_by,
+    replace_with,
+    rule,
+    shared,
+)
 
 # onnxruntime has no double Clip before opset 12, and no double HardSigmoid, which its HardSwish expands to.
 CLIP_TYPES = (ir.DataType.FLOAT, ir.DataType.FLOAT16)
@@ -26,7 +44,9 @@ def _since(op_type: str) -> int | None:
 
 
 SWISH_SINCE = _since("Swish")
-SWISH_LAST = 24  # onnxruntime (1.32) has a Swish kernel for opset 24 only: later models fail to load
+SWISH_LAST = (
+    24  # onnxruntime (1.32) has a Swish kernel for opset 24 only: later models fail to load
+)
 
 
 # Clip bounds are floats here, -inf and inf standing for a missing one.
@@ -43,28 +63,45 @@ def _bound_input(graph: ir.Graph, bound: float, x: ir.Value, base: str) -> ir.Va
     return add_initializer(graph, np.array(bound, dtype=x.dtype.numpy()), fresh_name(graph, base))
 
 
-def _clip(end: ir.Node, x: ir.Value, lo: float, hi: float, ctx: Context) -> ir.Node | None:
-    """A node for ``end``'s graph computing clip(x, lo, hi): Relu for [0, inf), else Clip."""
-    if x.dtype not in _clip_types(ctx.opset) or not lo <= hi:
-        return None
+def _clip_match(nodes: list[ir.Node], x: ir.Value, lo: float, hi: float, ctx: Context) -> Match:
+    """``nodes`` (the last one the end) become clip(x, lo, hi), where that runs."""
+    if x.dtype not in _clip_types(ctx.opset):
+        return Match.fail(f"x is {dtype(x)}: no onnxruntime Clip for it at opset {ctx.opset}")
+    if not lo <= hi:
+        return Match.fail(f"the bounds are not ordered ({lo:g} > {hi:g})")
+    return Match.ok(nodes=nodes, x=x, lo=lo, hi=hi, opset=ctx.opset)
+
+
+def _to_clip(nodes: list[ir.Node], x: ir.Value, lo: float, hi: float, opset: int) -> bool:
+    """Replace ``nodes`` by one node computing clip(x, lo, hi): Relu for [0, inf), else Clip."""
+    end = nodes[-1]
     if lo == 0 and hi == math.inf:
-        return ir.node("Relu", [x], name=end.name)
-    if ctx.opset < 11:  # Clip-6 takes its bounds as attributes
+        return replace_with(nodes, end, "Relu", [x])
+    if opset < 11:  # Clip-6 takes its bounds as attributes
         attributes = {k: v for k, v in (("min", lo), ("max", hi)) if not math.isinf(v)}
-        return ir.node("Clip", [x], attributes, name=end.name)
+        return replace_with(nodes, end, "Clip", [x], attributes)
     base = end.name or "clip"
-    inputs = [x, _bound_input(end.graph, lo, x, f"{base}.min"), _bound_input(end.graph, hi, x, f"{base}.max")]
+    inputs = [
+        x,
+        _bound_input(end.graph, lo, x, f"{base}.min"),
+        _bound_input(end.graph, hi, x, f"{base}.max"),
+    ]
     while inputs[-1] is None:
         inputs.pop()
-    return ir.node("Clip", inputs, name=end.name)
+    return replace_with(nodes, end, "Clip", inputs)
 
 
-@rule("min_max_clip", ("Min", "Max"), "Min(Max(x, lo), hi) and Max(Min(x, hi), lo) with scalar lo <= hi → Clip",
-      min_opset=6)
-def min_max_clip(node: ir.Node, ctx: Context) -> bool:
+@rule(
+    "min_max_clip",
+    ("Min", "Max"),
+    "Min(Max(x, lo), hi) and Max(Min(x, hi), lo) with scalar lo <= hi → Clip",
+    rewrite=_to_clip,
+    min_opset=6,
+)
+def min_max_clip(node: ir.Node, ctx: Context) -> Match:
     inner_op = "Max" if node.op_type == "Min" else "Min"
     if len(node.inputs) != 2:
-        return False
+        return Match.fail(f"{node.op_type} has {len(node.inputs)} inputs, not 2")
     for value, outer_bound in (node.inputs, node.inputs[::-1]):
         inner = producer(value, inner_op)
         if inner is None or len(inner.inputs) != 2 or not single_use(value):
@@ -73,9 +110,10 @@ def min_max_clip(node: ir.Node, ctx: Context) -> bool:
             a, b = scalar(inner_bound, x), scalar(outer_bound, x)
             if a is None or b is None:
                 continue
-            clip = _clip(node, x, *((a, b) if inner_op == "Max" else (b, a)), ctx)
-            return clip is not None and replace_nodes([inner, node], node, clip)
-    return False
+            return _clip_match([inner, node], x, *((a, b) if inner_op == "Max" else (b, a)), ctx)
+    return Match.fail(
+        f"no input is a {inner_op} of two inputs, read only here, with scalar bounds on both"
+    )
 
 
 def _range(node: ir.Node) -> tuple[float, float] | None:
@@ -90,19 +128,25 @@ def _range(node: ir.Node) -> tuple[float, float] | None:
     return None if lo is None or hi is None or not lo <= hi else (lo, hi)
 
 
-@rule("clip_chain", ("Relu", "Clip"), "Relu and Clip of a Relu or Clip with constant bounds → one Clip (or Relu)",
-      min_opset=11)
-def clip_chain(node: ir.Node, ctx: Context) -> bool:
+@rule(
+    "clip_chain",
+    ("Relu", "Clip"),
+    "Relu and Clip of a Relu or Clip with constant bounds → one Clip (or Relu)",
+    rewrite=_to_clip,
+    min_opset=11,
+)
+def clip_chain(node: ir.Node, ctx: Context) -> Match:
     inner = producer(node.inputs[0], "Relu", "Clip")
-    if inner is None or not single_use(node.inputs[0]):
-        return False
+    if inner is None:
+        return Match.fail(not_made_by(node.inputs[0], "Relu", "Clip"))
+    if not single_use(node.inputs[0]):
+        return Match.fail(shared(node.inputs[0]))
     outer_range, inner_range = _range(node), _range(inner)
     if outer_range is None or inner_range is None:
-        return False
+        return Match.fail("a Clip's bounds are not ordered scalar constants")
     # Disjoint ranges would make a constant; a Clip with lo > hi is not that.
     lo, hi = max(outer_range[0], inner_range[0]), min(outer_range[1], inner_range[1])
-    merged = _clip(node, inner.inputs[0], lo, hi, ctx)
-    return merged is not None and replace_nodes([inner, node], node, merged)
+    return _clip_match([inner, node], inner.inputs[0], lo, hi, ctx)
 
 
 # Hard swish: x * HardSigmoid(x), and x * Clip(x + 3, 0, 6) / 6 as exporters write it, in any order.
@@ -112,24 +156,37 @@ def _close(value: float, target: float) -> bool:
     return abs(value - target) <= RTOL * abs(target)
 
 
-@rule("hardswish", ("HardSigmoid", "Clip"),
-      "x * HardSigmoid(x) and x * Clip(x + 3, 0, 6) / 6 → HardSwish; Clip(x + 3, 0, 6) / 6 alone → HardSigmoid",
-      min_opset=14)
-def hardswish(node: ir.Node, ctx: Context) -> bool:
+def _fuse(nodes: list[ir.Node], op_type: str, x: ir.Value, attributes: dict | None = None) -> bool:
+    """Replace ``nodes`` (the last one the end) by one ``op_type`` node of ``x``."""
+    return replace_with(nodes, nodes[-1], op_type, [x], attributes)
+
+
+@rule(
+    "hardswish",
+    ("HardSigmoid", "Clip"),
+    "x * HardSigmoid(x) and x * Clip(x + 3, 0, 6) / 6 → HardSwish; Clip(x + 3, 0, 6) / 6 alone → HardSigmoid",
+    rewrite=_fuse,
+    min_opset=14,
+)
+def hardswish(node: ir.Node, ctx: Context) -> Match:
     if node.inputs[0].dtype not in HARD_TYPES:
-        return False
+        return Match.fail(
+            f"x is {dtype(node.inputs[0])}: onnxruntime's HardSwish takes float/float16"
+        )
     return (_hardsigmoid_times_x if node.op_type == "HardSigmoid" else _relu6_form)(node)
 
 
-def _hardsigmoid_times_x(node: ir.Node) -> bool:
+def _hardsigmoid_times_x(node: ir.Node) -> Match:
     x = node.inputs[0]
     alpha, beta = node.attributes.get_float("alpha", 0.2), node.attributes.get_float("beta", 0.5)
     if not _close(alpha, 1 / 6) or not _close(beta, 0.5):
-        return False
+        return Match.fail(f"HardSigmoid alpha={alpha:g}, beta={beta:g}, not 1/6 and 0.5")
     mul = only_reader(node.outputs[0], "Mul")
-    if mul is None or other_input(mul, node.outputs[0]) is not x:
-        return False
-    return replace_nodes([node, mul], mul, ir.node("HardSwish", [x], name=mul.name))
+    if mul is None:
+        return Match.fail(not_read_by(node.outputs[0], "Mul"))
+    if other_input(mul, node.outputs[0]) is not x:
+        return Match.fail("the Mul does not multiply by the HardSigmoid's input")
+    return Match.ok(nodes=[node, mul], op_type="HardSwish", x=x)
 
 
 def _over_six(value: ir.Value, x: ir.Value) -> ir.Node | None:
@@ -154,26 +211,28 @@ def _relu6_of_x_plus_3(clip: ir.Node) -> tuple[ir.Value, ir.Node] | None:
     return x, add
 
 
-def _relu6_form(clip: ir.Node) -> bool:
+def _relu6_form(clip: ir.Node) -> Match:
     found = _relu6_of_x_plus_3(clip)
     if found is None:
-        return False
+        return Match.fail("the Clip is not Clip(x + 3, 0, 6) of an Add read only here")
     x, add = found
     relu6 = clip.outputs[0]
     scale = _over_six(relu6, x)
     if scale is not None:  # (Clip / 6) * x, or HardSigmoid alone
         mul = only_reader(scale.outputs[0], "Mul")
         if mul is not None and other_input(mul, scale.outputs[0]) is x:
-            return replace_nodes([add, clip, scale, mul], mul, ir.node("HardSwish", [x], name=mul.name))
-        hard_sigmoid = ir.node("HardSigmoid", [x], {"alpha": 1 / 6, "beta": 0.5}, name=scale.name)
-        return replace_nodes([add, clip, scale], scale, hard_sigmoid)
+            return Match.ok(nodes=[add, clip, scale, mul], op_type="HardSwish", x=x)
+        hard_sigmoid = {"alpha": 1 / 6, "beta": 0.5}
+        return Match.ok(
+            nodes=[add, clip, scale], op_type="HardSigmoid", x=x, attributes=hard_sigmoid
+        )
     mul = only_reader(relu6, "Mul")  # (x * Clip) / 6
     if mul is None or other_input(mul, relu6) is not x:
-        return False
+        return Match.fail("Clip(x + 3, 0, 6) is neither divided by 6 nor multiplied by x alone")
     scale = _over_six(mul.outputs[0], x)
     if scale is None:
-        return False
-    return replace_nodes([add, clip, mul, scale], scale, ir.node("HardSwish", [x], name=scale.name))
+        return Match.fail("x * Clip(x + 3, 0, 6) is not divided by 6 alone")
+    return Match.ok(nodes=[add, clip, mul, scale], op_type="HardSwish", x=x)
 
 
 # Swish: x * Sigmoid(x)
@@ -192,23 +251,37 @@ def _swish_input(mul: ir.Node) -> ir.Value | None:
 
 def count_swish(model: ir.Model) -> int:
     """How many x * Sigmoid(x) products the model computes, in every graph."""
-    return sum(1 for graph in graphs_of(model) for node in graph
-               if is_standard(node, "Mul") and _swish_input(node) is not None)
+    return sum(
+        1
+        for graph in graphs_of(model)
+        for node in graph
+        if is_standard(node, "Mul") and _swish_input(node) is not None
+    )
 
 
-SWISH_SUMMARY = (f"x * Sigmoid(x) → Swish, not past opset {SWISH_LAST} (no later onnxruntime kernel)" if SWISH_SINCE
-                 else "x * Sigmoid(x): recognised only (this onnx has no Swish)")
+SWISH_SUMMARY = (
+    f"x * Sigmoid(x) → Swish, not past opset {SWISH_LAST} (no later onnxruntime kernel)"
+    if SWISH_SINCE
+    else "x * Sigmoid(x): recognised only (this onnx has no Swish)"
+)
 
 
-@rule("swish", ("Sigmoid",), SWISH_SUMMARY, min_opset=SWISH_SINCE or 1)
-def swish(node: ir.Node, ctx: Context) -> bool:
+@rule("swish", ("Sigmoid",), SWISH_SUMMARY, rewrite=_fuse, min_opset=SWISH_SINCE or 1)
+def swish(node: ir.Node, ctx: Context) -> Match:
     x = node.inputs[0]
     mul = only_reader(node.outputs[0], "Mul")
-    if mul is None or other_input(mul, node.outputs[0]) is not x or x.dtype not in SWISH_TYPES:
-        return False
-    if SWISH_SINCE is None or ctx.opset > SWISH_LAST:  # recognised, but there is no op to fuse into that runs
-        return False
-    return replace_nodes([node, mul], mul, ir.node("Swish", [x], name=mul.name))
+    if mul is None:
+        return Match.fail(not_read_by(node.outputs[0], "Mul"))
+    if other_input(mul, node.outputs[0]) is not x:
+        return Match.fail("the Mul does not multiply by the Sigmoid's input")
+    if x.dtype not in SWISH_TYPES:
+        return Match.fail(f"x is {dtype(x)}: Swish takes float, double and float16")
+    # Recognised, but there is no op to fuse into that runs.
+    if SWISH_SINCE is None:
+        return Match.fail("this onnx has no Swish op")
+    if ctx.opset > SWISH_LAST:
+        return Match.fail(f"onnxruntime has no Swish kernel past opset {SWISH_LAST}")
+    return Match.ok(nodes=[node, mul], op_type="Swish", x=x)
 
 
 RULES = (min_max_clip, clip_chain, hardswish, swish)

@@ -9,8 +9,16 @@ import math
 import numpy as np
 import onnx_ir as ir
 
-from onnxopt.passes._common import add_initializer, constant, fresh_name, producer, rank, replace_value, single_use
-from onnxopt.passes.fuse.rule import Context, rule
+from onnxopt.passes._common import (
+    add_initializer,
+    constant,
+    fresh_name,
+    producer,
+    rank,
+    replace_value,
+    single_use,
+)
+from onnxopt.passes.fuse.rule import Context, Match, dtype, not_made_by, rule, shared
 
 GEMM_TYPES = (ir.DataType.FLOAT, ir.DataType.DOUBLE, ir.DataType.FLOAT16)
 POOLS = ("AveragePool", "MaxPool")
@@ -34,7 +42,9 @@ def _input_pads(pad: ir.Node) -> list[int] | None:
     if axes_input is None:
         return pads if len(pads) % 2 == 0 else None
     known, r = constant(axes_input), rank(pad.inputs[0])
-    axes = None if known is None or r is None or known.ndim != 1 else _axes([int(a) for a in known], r)
+    axes = (
+        None if known is None or r is None or known.ndim != 1 else _axes([int(a) for a in known], r)
+    )
     if axes is None or len(pads) != 2 * len(axes):
         return None
     full = [0] * (2 * r)
@@ -70,51 +80,78 @@ def spatial_pads(pad: ir.Node) -> tuple[list[int], float] | None:
     r = len(pads) // 2
     if any(p < 0 for p in pads) or any(pads[i] for i in (0, 1, r, r + 1)):
         return None
-    return pads[2:r] + pads[r + 2:], value
+    return pads[2:r] + pads[r + 2 :], value
 
 
-def _takes_pad(node: ir.Node, value: float, pads: list[int]) -> bool:
-    """Whether ``node`` with ``pads`` as its own pads computes what it computes on the padded input."""
+def _pad_refusal(node: ir.Node, value: float, pads: list[int]) -> str | None:
+    """Why ``node`` with ``pads`` as its own pads does not compute what it computes on the padded
+    input, or None where it does."""
     attrs = node.attributes
     if attrs.get_string("auto_pad", "NOTSET") != "NOTSET":
-        return False
+        return f"the {node.op_type} sets auto_pad"
     if node.op_type == "Conv":
-        return value == 0.0
+        return None if value == 0.0 else f"the Pad fills with {value:g}, a Conv pads with 0"
     kernel = attrs.get_ints("kernel_shape", None)
-    if kernel is None or len(kernel) * 2 != len(pads) or attrs.get_int("ceil_mode", 0):
-        return False
+    if kernel is None or len(kernel) * 2 != len(pads):
+        return f"the {node.op_type}'s kernel_shape does not cover the padded axes"
+    if attrs.get_int("ceil_mode", 0):
+        return f"the {node.op_type} sets ceil_mode"
     if any(p >= kernel[i % len(kernel)] for i, p in enumerate(pads)):
-        return False  # onnxruntime refuses pooling pads as large as the kernel
+        return "the pads would reach the kernel size, which onnxruntime refuses for pooling"
     if node.op_type == "AveragePool":
-        return value == 0.0 and attrs.get_int("count_include_pad", 0) == 1
+        if value != 0.0:
+            return f"the Pad fills with {value:g}, an AveragePool pads with 0"
+        if attrs.get_int("count_include_pad", 0) != 1:
+            return "the AveragePool does not count pads (count_include_pad=0)"
+        return None
     # MaxPool ignores its padding, as a -inf fill would be: every window (pads < kernel, no dilation)
     # still holds one real element. The indices output would count positions in the padded input.
     dilations = attrs.get_ints("dilations", None)
     indices = node.outputs[1] if len(node.outputs) > 1 else None
     if indices is not None and (indices.uses() or indices.is_graph_output()):
-        return False
-    return value == -math.inf and (dilations is None or all(d == 1 for d in dilations))
+        return "the MaxPool's indices output is read"
+    if value != -math.inf:
+        return f"the Pad fills with {value:g}, not -inf"
+    if dilations is not None and any(d != 1 for d in dilations):
+        return "the MaxPool is dilated"
+    return None
 
 
-@rule("pad_conv", ("Conv", *POOLS),
-      "constant Pad of the spatial axes (0 into Conv and AveragePool counting pads, -inf into MaxPool) → their pads attribute")
-def pad_conv(node: ir.Node, ctx: Context) -> bool:
+def _merge_pad(node: ir.Node, pad: ir.Node, pads: list[int]) -> bool:
+    node.attributes["pads"] = ir.AttrInt64s("pads", pads)
+    node.replace_input_with(0, pad.inputs[0])
+    pad.graph.remove(pad, safe=True)
+    return True
+
+
+@rule(
+    "pad_conv",
+    ("Conv", *POOLS),
+    "constant Pad of the spatial axes (0 into Conv and AveragePool counting pads, -inf into MaxPool) "
+    "→ their pads attribute",
+    rewrite=_merge_pad,
+)
+def pad_conv(node: ir.Node, ctx: Context) -> Match:
     pad = producer(node.inputs[0], "Pad")
-    spec = spatial_pads(pad) if pad is not None and single_use(node.inputs[0]) else None
+    if pad is None:
+        return Match.fail(not_made_by(node.inputs[0], "Pad"))
+    if not single_use(node.inputs[0]):
+        return Match.fail(shared(node.inputs[0]))
+    spec = spatial_pads(pad)
     if spec is None:
-        return False
+        return Match.fail(
+            "the Pad is not a constant non-negative padding of the spatial axes alone"
+        )
     extra, value = spec
     own = node.attributes.get_ints("pads", None)
     own = [0] * len(extra) if own is None else list(own)
     if len(own) != len(extra):
-        return False
+        return Match.fail(f"the {node.op_type} has {len(own)} pads, the Pad {len(extra)}")
     merged = [a + b for a, b in zip(own, extra)]
-    if not _takes_pad(node, value, merged):
-        return False
-    node.attributes["pads"] = ir.AttrInt64s("pads", merged)
-    node.replace_input_with(0, pad.inputs[0])
-    pad.graph.remove(pad, safe=True)
-    return True
+    refusal = _pad_refusal(node, value, merged)
+    if refusal is not None:
+        return Match.fail(refusal)
+    return Match.ok(node=node, pad=pad, pads=merged)
 
 
 # Transpose → Gemm / MatMul
@@ -131,56 +168,88 @@ def _swapped(value: ir.Value | None) -> ir.Node | None:
     return None
 
 
-@rule("transpose_gemm", ("Gemm",), "Transpose(perm=[1,0]) of a Gemm input A or B → flipped transA/transB")
-def transpose_gemm(node: ir.Node, ctx: Context) -> bool:
-    changed = False
-    for i, flag in ((0, "transA"), (1, "transB")):
-        t = _swapped(node.inputs[i])
-        if t is None:
-            continue
+def _flip_transposes(node: ir.Node, swaps: list[tuple[int, ir.Node]]) -> bool:
+    for i, t in swaps:
+        flag = ("transA", "transB")[i]
         node.attributes[flag] = ir.AttrInt64(flag, 1 - node.attributes.get_int(flag, 0))
         node.replace_input_with(i, t.inputs[0])
         t.graph.remove(t, safe=True)
-        changed = True
-    return changed
+    return True
 
 
-def _fold_transposed_constant(node: ir.Node, i: int) -> bool:
-    """Input ``i`` of ``node``, a Transpose of a constant read only here, becomes a transposed initializer."""
+@rule(
+    "transpose_gemm",
+    ("Gemm",),
+    "Transpose(perm=[1,0]) of a Gemm input A or B → flipped transA/transB",
+    rewrite=_flip_transposes,
+)
+def transpose_gemm(node: ir.Node, ctx: Context) -> Match:
+    swaps = [(i, t) for i in (0, 1) if (t := _swapped(node.inputs[i])) is not None]
+    if not swaps:
+        return Match.fail(
+            "neither A nor B is a Transpose(perm=[1,0]) of a 2-D value, read only here"
+        )
+    return Match.ok(node=node, swaps=swaps)
+
+
+def _transposed_constant(node: ir.Node, i: int) -> tuple[ir.Node, list[int]] | None:
+    """The Transpose and its perm, if input ``i`` of ``node`` transposes a constant and is read only
+    here."""
     t = producer(node.inputs[i], "Transpose")
     weight = constant(t.inputs[0]) if t is not None and single_use(node.inputs[i]) else None
     if weight is None:
-        return False
+        return None
     perm = t.attributes.get_ints("perm", None)
     perm = list(reversed(range(weight.ndim))) if perm is None else list(perm)
-    if sorted(perm) != list(range(weight.ndim)):
-        return False
+    return (t, perm) if sorted(perm) == list(range(weight.ndim)) else None
+
+
+def _fold_transposed_constant(node: ir.Node, i: int, t: ir.Node, perm: list[int]) -> None:
+    """Input ``i`` of ``node``, Transpose ``t`` of a constant, becomes a transposed initializer."""
     source, graph = t.inputs[0], node.graph
-    folded = np.ascontiguousarray(np.transpose(weight, perm))
+    folded = np.ascontiguousarray(np.transpose(constant(source), perm))
     node.replace_input_with(i, add_initializer(graph, folded, fresh_name(graph, source.name)))
     t.graph.remove(t, safe=True)
     _drop_if_unread(source)
-    return True
 
 
 def _drop_if_unread(value: ir.Value) -> None:
     """Unregister the initializer ``value`` once nothing reads it (another reader keeps it)."""
     graph = value.graph
-    if graph is not None and not value.uses() and not value.is_graph_output() and graph.initializers.get(value.name) is value:
+    if (
+        graph is not None
+        and not value.uses()
+        and not value.is_graph_output()
+        and graph.initializers.get(value.name) is value
+    ):
         graph.initializers.pop(value.name)
 
 
-def _transposes_into_gemm(node: ir.Node, ctx: Context) -> bool:
+def _gemm_refusal(node: ir.Node, ctx: Context) -> str | None:
+    """Why the 2-D MatMul ``node`` cannot become a Gemm that transposes its inputs itself."""
+    a, b = node.inputs
+    if ctx.opset < 11:  # Gemm's C input is optional from opset 11
+        return "before opset 11 a Gemm needs a bias"
+    if rank(a) != 2 or rank(b) != 2:
+        return "the inputs are not both 2-D"
+    if a.dtype not in GEMM_TYPES:
+        return f"the inputs are {dtype(a)}: a Gemm takes float, double and float16"
+    if _swapped(a) is None and _swapped(b) is None:
+        return "neither input is a Transpose(perm=[1,0]) read only here"
+    return None
+
+
+def _transposes_into_gemm(node: ir.Node) -> None:
     """A 2-D MatMul with a swapping Transpose on an input becomes a Gemm that transposes it itself."""
     a, b = node.inputs
-    if ctx.opset < 11 or rank(a) != 2 or rank(b) != 2 or a.dtype not in GEMM_TYPES:
-        return False  # Gemm's C input is optional from opset 11
     swaps = [_swapped(a), _swapped(b)]
-    if swaps == [None, None]:
-        return False
     inputs = [v if t is None else t.inputs[0] for v, t in zip((a, b), swaps)]
-    gemm = ir.node("Gemm", inputs, {"transA": int(swaps[0] is not None), "transB": int(swaps[1] is not None)},
-                   name=node.name)
+    gemm = ir.node(
+        "Gemm",
+        inputs,
+        {"transA": int(swaps[0] is not None), "transB": int(swaps[1] is not None)},
+        name=node.name,
+    )
     graph = node.graph
     graph.insert_after(node, gemm)
     out = node.outputs[0]
@@ -190,15 +259,30 @@ def _transposes_into_gemm(node: ir.Node, ctx: Context) -> bool:
     for t in swaps:
         if t is not None:
             t.graph.remove(t, safe=True)
+
+
+def _rewrite_matmul(node: ir.Node, folds: list[tuple[int, ir.Node, list[int]]]) -> bool:
+    """Fold the transposed constants, or, where there is none, make the MatMul a Gemm."""
+    for i, t, perm in folds:
+        _fold_transposed_constant(node, i, t, perm)
+    if not folds:
+        _transposes_into_gemm(node)
     return True
 
 
-@rule("transpose_matmul", ("MatMul",),
-      "Transpose of a constant MatMul input → a transposed initializer; "
-      "Transpose(perm=[1,0]) of a 2-D MatMul input → Gemm with transA/transB")
-def transpose_matmul(node: ir.Node, ctx: Context) -> bool:
-    folded = [_fold_transposed_constant(node, i) for i in (0, 1)]
-    return any(folded) or _transposes_into_gemm(node, ctx)
+@rule(
+    "transpose_matmul",
+    ("MatMul",),
+    "Transpose of a constant MatMul input → a transposed initializer; "
+    "Transpose(perm=[1,0]) of a 2-D MatMul input → Gemm with transA/transB",
+    rewrite=_rewrite_matmul,
+)
+def transpose_matmul(node: ir.Node, ctx: Context) -> Match:
+    folds = [(i, *found) for i in (0, 1) if (found := _transposed_constant(node, i)) is not None]
+    refusal = None if folds else _gemm_refusal(node, ctx)
+    if refusal is not None:
+        return Match.fail(f"no input is a Transpose of a constant read only here; {refusal}")
+    return Match.ok(node=node, folds=folds)
 
 
 RULES = (pad_conv, transpose_gemm, transpose_matmul)

@@ -9,8 +9,20 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from onnxopt.passes._common import add_initializer, constant, fresh_name, is_standard, producer, rank, replace_value, single_use
-from onnxopt.passes.fuse.rule import Context, rule
+from onnxopt.passes._common import (
+    SHAPE_OPS,
+    add_initializer,
+    axes_of,
+    constant,
+    fresh_name,
+    is_standard,
+    producer,
+    rank,
+    replace_value,
+    shape_chain,
+    single_use,
+)
+from onnxopt.passes.fuse.rule import Context, Match, dtype, rule
 
 INTS = (ir.DataType.INT64, ir.DataType.INT32)
 # An element of a shape vector: a known integer, or dim ``index`` of ``value``.
@@ -24,7 +36,11 @@ def elements(value: ir.Value | None, depth: int = 0) -> list | None:
         return None
     known = constant(value)
     if known is not None:
-        return [int(v) for v in known.ravel()] if known.dtype.kind in "iu" and known.ndim <= 1 else None
+        return (
+            [int(v) for v in known.ravel()]
+            if known.dtype.kind in "iu" and known.ndim <= 1
+            else None
+        )
     node = producer(value)
     if node is None:
         return None
@@ -36,7 +52,10 @@ def elements(value: ir.Value | None, depth: int = 0) -> list | None:
         start, end = node.attributes.get_int("start", 0), node.attributes.get_int("end", r)
         return [(inputs[0], i) for i in range(r)[slice(start, end)]]
     if op in ("Cast", "Identity"):
-        if op == "Cast" and node.attributes.get_int("to", 0) not in (ir.DataType.INT64, ir.DataType.INT32):
+        if op == "Cast" and node.attributes.get_int("to", 0) not in (
+            ir.DataType.INT64,
+            ir.DataType.INT32,
+        ):
             return None
         return elements(inputs[0], depth + 1)
     if op in ("Unsqueeze", "Squeeze", "Reshape"):
@@ -62,7 +81,9 @@ def elements(value: ir.Value | None, depth: int = 0) -> list | None:
         steps = args[3] if len(args) > 3 and args[3] is not None else np.ones(1, np.int64)
         if axes.size != 1 or int(axes.ravel()[0]) not in (0, -1):
             return None
-        return source[slice(int(args[0].ravel()[0]), int(args[1].ravel()[0]), int(steps.ravel()[0]))]
+        return source[
+            slice(int(args[0].ravel()[0]), int(args[1].ravel()[0]), int(steps.ravel()[0]))
+        ]
     return None
 
 
@@ -70,7 +91,12 @@ def same_dim(source: ir.Value, j: int, target: ir.Value, i: int) -> bool:
     """Whether dim ``j`` of ``source`` is dim ``i`` of ``target`` at run time."""
     if source is target:
         return i == j
-    if source.shape is None or target.shape is None or j >= len(source.shape) or i >= len(target.shape):
+    if (
+        source.shape is None
+        or target.shape is None
+        or j >= len(source.shape)
+        or i >= len(target.shape)
+    ):
         return False
     a, b = source.shape[j], target.shape[i]
     if isinstance(a, int) or isinstance(b, int):
@@ -85,14 +111,28 @@ def static_dim(source: ir.Value, j: int) -> int | None:
     return d if isinstance(d, int) else None
 
 
-@rule("reshape_shape", ("Reshape",), "a Reshape's run-time shape built from its input's own dims → a constant with 0 and -1")
-def reshape_shape(node: ir.Node, ctx: Context) -> bool:
+def _set_shape(node: ir.Node, shape: list[int]) -> bool:
+    graph, old = node.graph, node.inputs[1]
+    value = add_initializer(graph, np.array(shape, np.int64), fresh_name(graph, old.name))
+    node.replace_input_with(1, value)
+    return True
+
+
+@rule(
+    "reshape_shape",
+    ("Reshape",),
+    "a Reshape's run-time shape built from its input's own dims → a constant with 0 and -1",
+    rewrite=_set_shape,
+)
+def reshape_shape(node: ir.Node, ctx: Context) -> Match:
     x, shape = node.inputs[0], node.inputs[1]
-    if constant(shape) is not None or shape is None or shape.dtype not in INTS:
-        return False
+    if constant(shape) is not None:
+        return Match.fail("the shape is a constant already")
+    if shape is None or shape.dtype not in INTS:
+        return Match.fail(f"the shape is {dtype(shape)}, not INT64 or INT32")
     parts = elements(shape)
     if parts is None:
-        return False
+        return Match.fail("the shape is not built from constants and dims by shape ops")
     copy_allowed = not node.attributes.get_int("allowzero", 0)
     resolved, unknown = [], 0
     for i, e in enumerate(parts):
@@ -105,26 +145,16 @@ def reshape_shape(node: ir.Node, ctx: Context) -> bool:
             unknown += 1
             e = -1
         elif e == 0 and not copy_allowed:
-            return False
+            return Match.fail("a 0 in the shape means 0 itself (allowzero=1)")
         resolved.append(e)
     if unknown > 1:
-        return False
-    value = add_initializer(node.graph, np.array(resolved, np.int64), fresh_name(node.graph, shape.name))
-    node.replace_input_with(1, value)
-    return True
+        return Match.fail(f"{unknown} dims are unknown: one -1 can stand for one alone")
+    return Match.ok(node=node, shape=resolved)
 
 
 # Reshape / Flatten / Squeeze / Unsqueeze chains
 
-CHAIN = ("Reshape", "Flatten", "Squeeze", "Unsqueeze")
-
-
-def _axes(node: ir.Node) -> list[int] | None:
-    """The constant axes of a Squeeze or Unsqueeze: an attribute before opset 13, an input since."""
-    if "axes" in node.attributes:
-        return list(node.attributes.get_ints("axes"))
-    known = constant(node.inputs[1]) if len(node.inputs) > 1 else None
-    return None if known is None else [int(a) for a in known.ravel()]
+CHAIN = SHAPE_OPS
 
 
 def keeps_batch(node: ir.Node) -> bool:
@@ -137,8 +167,13 @@ def keeps_batch(node: ir.Node) -> bool:
         return (axis + r if axis < 0 else axis) == 1
     if node.op_type == "Reshape":
         shape = constant(node.inputs[1])
-        return shape is not None and shape.size > 0 and int(shape.ravel()[0]) == 0 and not node.attributes.get_int("allowzero", 0)
-    axes = _axes(node)
+        return (
+            shape is not None
+            and shape.size > 0
+            and int(shape.ravel()[0]) == 0
+            and not node.attributes.get_int("allowzero", 0)
+        )
+    axes = axes_of(node)
     if not axes:  # Squeeze without axes drops every dim of size 1, perhaps dim 0
         return False
     out_rank = r + len(axes) if node.op_type == "Unsqueeze" else r
@@ -146,13 +181,9 @@ def keeps_batch(node: ir.Node) -> bool:
 
 
 def chain_to(node: ir.Node) -> list[ir.Node]:
-    """The chain ops that lead to ``node``, first to last, each read only by the next."""
-    chain = [node]
-    while True:
-        prev = producer(chain[0].inputs[0], *CHAIN)
-        if prev is None or prev.graph is not node.graph or not single_use(chain[0].inputs[0]):
-            return chain
-        chain.insert(0, prev)
+    """The chain ops of ``node``'s graph that lead to ``node``, first to last, each read only by the
+    next (``shape_chain`` without the nodes of an outer graph, which lead into this one)."""
+    return [n for n in shape_chain(node) if n.graph is node.graph]
 
 
 def chain_target(chain: list[ir.Node]) -> list[int] | None:
@@ -171,34 +202,53 @@ def chain_target(chain: list[ir.Node]) -> list[int] | None:
     return target if all(d > 0 for d in dims if isinstance(d, int)) else None
 
 
-def _extends(node: ir.Node) -> bool:
-    """Whether the chain through ``node`` goes on to a reader that can end it instead."""
+def _extended_by(node: ir.Node) -> ir.Node | None:
+    """The reader that the chain through ``node`` goes on to, where that reader can end it instead."""
     out = node.outputs[0]
     if not single_use(out):
-        return False
+        return None
     reader = out.uses()[0].node
-    return (is_standard(reader, *CHAIN) and reader.inputs[0] is out and reader.graph is node.graph
-            and chain_target([*chain_to(node), reader]) is not None)
+    extends = (
+        is_standard(reader, *CHAIN)
+        and reader.inputs[0] is out
+        and reader.graph is node.graph
+        and chain_target([*chain_to(node), reader]) is not None
+    )
+    return reader if extends else None
 
 
-@rule("reshape_chain", CHAIN,
-      "a chain of Reshape/Flatten/Squeeze/Unsqueeze with a static result shape (or static but for a kept batch dim) → one Reshape",
-      min_opset=5)
-def reshape_chain(node: ir.Node, ctx: Context) -> bool:
-    if _extends(node):
-        return False  # the longest chain is fused from its end
-    chain = chain_to(node)
-    target = chain_target(chain)
-    if target is None:
-        return False
+def _to_reshape(node: ir.Node, chain: list[ir.Node], target: list[int]) -> bool:
     graph, out = node.graph, node.outputs[0]
-    shape = add_initializer(graph, np.array(target, np.int64), fresh_name(graph, f"{out.name}.shape"))
+    shape = add_initializer(
+        graph, np.array(target, np.int64), fresh_name(graph, f"{out.name}.shape")
+    )
     reshape = ir.node("Reshape", [chain[0].inputs[0], shape], name=node.name)
     graph.insert_after(node, reshape)
     reshape.outputs[0].shape, reshape.outputs[0].type = out.shape, out.type
     replace_value(out, reshape.outputs[0])
     graph.remove(chain, safe=True)
     return True
+
+
+@rule(
+    "reshape_chain",
+    CHAIN,
+    "a chain of Reshape/Flatten/Squeeze/Unsqueeze with a static result shape "
+    "(or static but for a kept batch dim) → one Reshape",
+    rewrite=_to_reshape,
+    min_opset=5,
+)
+def reshape_chain(node: ir.Node, ctx: Context) -> Match:
+    reader = _extended_by(node)
+    if reader is not None:  # the longest chain is fused from its end
+        return Match.fail(f"the chain goes on to {reader.op_type} {reader.name}, which ends it")
+    chain = chain_to(node)
+    if len(chain) < 2:
+        return Match.fail(f"no {'/'.join(CHAIN)} feeds it, read only there")
+    target = chain_target(chain)
+    if target is None:
+        return Match.fail("the result shape is not static (nor static but for a batch dim kept)")
+    return Match.ok(node=node, chain=chain, target=target)
 
 
 RULES = (reshape_shape, reshape_chain)
