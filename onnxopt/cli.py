@@ -27,7 +27,7 @@ from onnxopt import (
 from onnxopt.errors import CheckFailed, InternalError, OnnxoptError, UsageError
 from onnxopt.inspection import describe
 from onnxopt.optimize import SPEEDUP_ITERS, optimize
-from onnxopt.passbase import get_pass, parse_pass_list, registry
+from onnxopt.passbase import OptPass, as_pass, get_pass, parse_pass_list, registry
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -576,10 +576,20 @@ def passes_cmd(name, quiet):
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for machines.")
 @click.option(
+    "--explain",
+    "explain_spec",
+    metavar="PASS",
+    help="Say, node by node, which rule of PASS fires or why each does not, e.g. --explain fuse "
+    "or --explain 'fuse(target=ort)'.",
+)
+@click.option(
     "-q", "--quiet", is_flag=True, help="Accepted for symmetry: this command shows no progress."
 )
-def inspect_cmd(model, as_json, quiet):
+def inspect_cmd(model, as_json, explain_spec, quiet):
     """Show what is in MODEL: versions, inputs and outputs, ops, parameters, storage."""
+    if explain_spec:
+        _explain(io.load(model), explain_spec, as_json)
+        return
     info = describe(io.load(model), model)
     if as_json:
         click.echo(json.dumps(info, indent=1))
@@ -608,6 +618,24 @@ def inspect_cmd(model, as_json, quiet):
     out.print("  ops: " + ", ".join(f"{op} {n}" for op, n in info["ops"].items()))
     for pattern, n in info["findings"].items():
         out.print(f"  recognised, left as is: {pattern} ×{n}")
+
+
+def _explain(model, spec: str, as_json: bool) -> None:
+    chosen = as_pass(spec)
+    rows = chosen.explain(model)
+    if rows is None:
+        able = [n for n, cls in registry().items() if cls.explain is not OptPass.explain]
+        raise UsageError(
+            f"pass {chosen.name} has nothing to explain (passes made of rules: {', '.join(able)})"
+        )
+    if as_json:
+        click.echo(json.dumps([row._asdict() for row in rows], indent=1))
+        return
+    out = report.console()
+    fired = sum(1 for row in rows if getattr(row, "fires", False))
+    out.print(
+        report.explain_table(f"{chosen!r}: {fired} of {len(rows)} candidate rules fire", rows)
+    )
 
 
 @cli.group("zoo")

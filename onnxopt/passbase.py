@@ -214,6 +214,12 @@ class OptPass(ir.passes.InPlacePass):
         """Extra lines for ``onnxopt passes NAME`` (the rules of a pass made of rules, say)."""
         return []
 
+    def explain(self, model: ir.Model) -> list[tuple] | None:
+        """For a pass made of rules, why each rule fires or not at each node (named tuples, shown
+        by ``onnxopt inspect MODEL --explain NAME``), leaving ``model`` as it is; None when the pass
+        has nothing to explain."""
+        return None
+
     @classmethod
     def findings(cls, model: ir.Model) -> dict[str, int]:
         """Patterns this pass recognises in ``model`` but leaves as they are, with their counts (for ``inspect``)."""

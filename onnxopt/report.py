@@ -255,6 +255,15 @@ def _sqnr(row: dict) -> float:
     return math.inf if value is None else value
 
 
+def explain_table(title: str, rows: list[tuple]) -> Table:
+    """A pass's explanation rows (named tuples), one column per field."""
+    fields = list(rows[0]._fields) if rows else ["node"]
+    table = _table(title, fields, left=tuple(fields))
+    for row in rows:
+        _add(table, *(str(value) for value in row))
+    return table
+
+
 def gate_table(result: GateResult) -> Table:
     verdict = "passed" if result.passed else f"FAILED {len(result.failed)} of {len(result.goals)}"
     table = _table(

@@ -129,11 +129,6 @@ def strictly_valid(model: ir.Model) -> bool:
     return True
 
 
-def graphs_of(model: ir.Model) -> list[ir.Graph]:
-    """The main graph, then every subgraph (If branches, Loop and Scan bodies)."""
-    return [model.graph, *model.graph.subgraphs()]
-
-
 def rank(value: ir.Value) -> int | None:
     return None if value.shape is None else len(value.shape)
 

@@ -247,3 +247,14 @@ def test_run_checks_on_real_samples_and_quiet(tmp_path, demo):
     assert calib.returncode == 2 and "calib=" in calib.stderr and "--inputs" not in calib.stderr
     for command in ("validate", "bench", "check", "inspect", "run"):
         assert "--quiet" in onnxopt(command, "--help").stdout, command
+
+
+def test_inspect_explains_why_each_fuse_rule_fires_or_not(demo):
+    rows = json.loads(onnxopt("inspect", demo, "--explain", "fuse", "--json").stdout)
+    assert {"node", "op_type", "rule", "fires", "reason"} <= set(rows[0])
+    assert any(r["fires"] for r in rows) and all(r["reason"] for r in rows)
+    assert any(r["reason"] == "only with target=ort" for r in rows)
+    table = onnxopt("inspect", demo, "--explain", "fuse(target=ort)")
+    assert table.returncode == 0 and "candidate rules fire" in table.stdout
+    refused = onnxopt("inspect", demo, "--explain", "prune")
+    assert refused.returncode == 2 and "nothing to explain" in refused.stderr

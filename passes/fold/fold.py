@@ -10,7 +10,6 @@ from onnxopt import runtime
 from onnxopt.passbase import Option, OptPass, Outcome
 from onnxopt.passes._common import (
     constant,
-    graphs_of,
     infer_shapes,
     is_standard,
     lift_constants,
@@ -60,7 +59,7 @@ class Fold(OptPass):
     def call(self, model: ir.Model) -> Outcome:
         modified = lift_constants(model)
         infer_shapes(model)
-        for graph in graphs_of(model):
+        for graph in list(model.graphs()):
             modified |= fold_static_shapes(graph)
             modified |= fold_graph(graph, model, self.size_limit)
         modified |= inline_constant_ifs(model)
@@ -251,14 +250,14 @@ def inline_constant_ifs(model: ir.Model) -> bool:
     [1]-shaped tensors to Range through one); onnxruntime would then refuse the inlined model. So
     the inlining is tried on a copy first and kept only if strict shape inference still accepts it.
     """
-    if not any(_constant_if(n) for g in graphs_of(model) for n in g):
+    if not any(_constant_if(n) for g in model.graphs() for n in g):
         return False
     trial = model.clone()
-    for graph in graphs_of(trial):
+    for graph in list(trial.graphs()):
         _inline_ifs(graph)
     if not strictly_valid(trial) and strictly_valid(model):
         return False
-    return any([_inline_ifs(graph) for graph in graphs_of(model)])
+    return any([_inline_ifs(graph) for graph in list(model.graphs())])
 
 
 def _constant_if(node: ir.Node) -> bool:

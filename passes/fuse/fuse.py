@@ -16,7 +16,7 @@ import onnx_ir as ir
 
 from onnxopt.errors import UsageError
 from onnxopt.passbase import Option, OptPass, Outcome
-from onnxopt.passes._common import graphs_of, infer_shapes, is_standard, lift_constants
+from onnxopt.passes._common import infer_shapes, is_standard, lift_constants
 from onnxopt.passes.fuse.rule import Context, Rule
 from onnxopt.passes.fuse.rules import RULES
 from onnxopt.passes.fuse.rules.activation import count_swish
@@ -134,7 +134,7 @@ class Fuse(OptPass):
         infer_shapes(copy)
         ctx = _context(copy, self.target)
         rows = []
-        for graph in graphs_of(copy):
+        for graph in list(copy.graphs()):
             for node in graph:
                 if not is_standard(node):
                     continue
@@ -177,7 +177,7 @@ def _copy(model: ir.Model) -> ir.Model:
 
 def _import_domains(model: ir.Model) -> None:
     """Contrib ops a rule emitted need their domain among the model's opset imports."""
-    for graph in graphs_of(model):
+    for graph in list(model.graphs()):
         for node in graph:
             if not is_standard(node):
                 model.opset_imports.setdefault(node.domain, 1)
@@ -193,7 +193,7 @@ def _names(spec) -> list[str]:
 
 def _sweep(model: ir.Model, by_op: dict[str, list[Rule]], ctx: Context) -> bool:
     changed = False
-    for graph in graphs_of(model):
+    for graph in list(model.graphs()):
         for node in list(graph):
             if node.graph is not graph or not is_standard(node):
                 continue

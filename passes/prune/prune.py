@@ -13,7 +13,6 @@ from onnxopt.passes._common import (
     axes_of,
     can_take_name,
     constant,
-    graphs_of,
     infer_shapes,
     is_standard,
     lift_constants,
@@ -51,7 +50,7 @@ class Prune(OptPass):
 
 def sweep(model: ir.Model) -> bool:
     changed = False
-    for graph in graphs_of(model):
+    for graph in list(model.graphs()):
         for node in list(graph):
             if node.graph is graph:
                 changed |= simplify(node)
@@ -64,13 +63,13 @@ class DeduplicateInitializers(common.DeduplicateHashedInitializersPass):
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         tensors = frozenset(
-            id(v.const_value) for g in graphs_of(model) for v in g.initializers.values()
+            id(v.const_value) for g in model.graphs() for v in g.initializers.values()
         )
         if model.meta.get("onnxopt.deduplicated") == tensors:
             return ir.passes.PassResult(model, False)
         result = super().call(model)
         model.meta["onnxopt.deduplicated"] = frozenset(
-            id(v.const_value) for g in graphs_of(model) for v in g.initializers.values()
+            id(v.const_value) for g in model.graphs() for v in g.initializers.values()
         )
         return result
 

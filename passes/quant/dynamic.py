@@ -17,7 +17,6 @@ from onnxopt.passes._common import (
     add_initializer,
     constant,
     fresh_name,
-    graphs_of,
     is_standard,
     rank,
     replace_value,
@@ -35,10 +34,7 @@ def dynamic_quantizer(model: ir.Model, options):
     DequantizeLinear costs). ``None`` when there are none."""
     wanted = set(options.op_types)
     nodes = [
-        n
-        for g in graphs_of(model)
-        for n in g
-        if is_standard(n, *wanted) and not options.excluded(n)
+        n for g in model.graphs() for n in g if is_standard(n, *wanted) and not options.excluded(n)
     ]
     if not nodes:
         return None
@@ -46,7 +42,7 @@ def dynamic_quantizer(model: ir.Model, options):
 
     def quantize(target: ir.Model, keep_float: set[str]) -> bool:
         modified = False
-        for graph in graphs_of(target):
+        for graph in list(target.graphs()):
             shared: dict[ir.Value, tuple] = {}
             for node in list(graph):
                 if (

@@ -12,7 +12,7 @@ from collections.abc import Callable, Collection, Mapping, Sequence
 import numpy as np
 import onnx_ir as ir
 
-from onnxopt.passes._common import constant, graphs_of, is_standard, producer
+from onnxopt.passes._common import constant, is_standard, producer
 from onnxopt.passes.quant.dynamic import SOURCE_OP
 from onnxopt.passes.quant.ort_profile import scope, scope_of
 
@@ -32,7 +32,7 @@ def layers(
     then carry ``float_us`` and ``int8_us``)."""
     rows = []
     weight_only = weight_only or {}
-    for graph in graphs_of(model):
+    for graph in list(model.graphs()):
         by_name = {n.name: n for n in graph if n.name}
         for node in graph:
             if node.outputs and node.outputs[0].name in weight_only:

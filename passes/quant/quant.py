@@ -19,7 +19,6 @@ from onnxopt.errors import UsageError
 from onnxopt.passbase import Column, Option, OptPass, Outcome, run_context
 from onnxopt.passes._calibrate import first_batch
 from onnxopt.passes._common import (
-    graphs_of,
     infer_shapes,
     lift_constants,
     remove_unused,
@@ -458,7 +457,7 @@ def listed(names: list[str], noun: str = "scopes") -> str:
 
 
 def refuse_quantized(model: ir.Model, pass_name: str) -> None:
-    found = sorted({n.op_type for g in graphs_of(model) for n in g if n.op_type in QUANTIZED_OPS})
+    found = sorted({n.op_type for g in model.graphs() for n in g if n.op_type in QUANTIZED_OPS})
     if found:
         raise UsageError(
             f"pass {pass_name}: the model is already quantized ({', '.join(found)}); "

@@ -12,12 +12,10 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from onnxopt.passes._common import add_initializer, fresh_name
+from onnxopt.passes._common import MS_DOMAIN, add_initializer, fresh_name
 from onnxopt.passes.quant.dynamic import _replace
 from onnxopt.passes.wquant.algos import SYMMETRIC_ZERO, Blocks
 from onnxopt.passes.wquant.pack import gbq_layout
-
-MS_DOMAIN = "com.microsoft"
 
 
 def table_initializers(node: ir.Node, blocks: Blocks) -> tuple:

@@ -13,7 +13,6 @@ import onnx_ir as ir
 
 from onnxopt import compare
 from onnxopt.passes._calibrate import first_batch
-from onnxopt.passes._common import graphs_of
 from onnxopt.passes.quant.search import EVAL_ROWS, worst_cosine
 from onnxopt.passes.wquant.algos import block_8bit
 
@@ -73,4 +72,4 @@ def weight_of(node: ir.Node) -> ir.Value:
 
 def _nodes(model: ir.Model) -> list[ir.Node]:
     """Every node, subgraphs included, in an order a clone repeats."""
-    return [n for g in graphs_of(model) for n in g]
+    return [n for g in model.graphs() for n in g]

@@ -26,10 +26,10 @@ import onnx_ir as ir
 from onnxopt.errors import UsageError
 from onnxopt.passbase import Column, Option, OptPass, Outcome, run_context
 from onnxopt.passes._common import (
+    MS_DOMAIN,
     add_initializer,
     constant,
     fresh_name,
-    graphs_of,
     infer_shapes,
     is_standard,
     lift_constants,
@@ -51,7 +51,6 @@ from onnxopt.passes.wquant.gather import (
 from onnxopt.passes.wquant.mixed import auto_8bit, weight_of
 from onnxopt.passes.wquant.pack import nbits_layout, qdq_layout
 
-MS_DOMAIN = "com.microsoft"
 QDQ_OPSET = 21  # DequantizeLinear with block_size and int4/uint4 inputs
 CHUNK = 1 << 20  # weights per call of the algorithm
 GPTQ_DAMP = 0.1  # of the Hessian's mean diagonal, added to it
@@ -288,11 +287,11 @@ def quantize_int4(model: ir.Model, options: WeightQuantize, shapes=None) -> Quan
     or all with bits=8) as the ``options`` of a WeightQuantize say; ``shapes`` are the user's input
     shapes, for the check of an opset raise (format=qdq)."""
     result = Quantized()
-    if not any(_target(n, options) for g in graphs_of(model) for n in g):
+    if not any(_target(n, options) for g in model.graphs() for n in g):
         return result
     if options.format == "qdq":
         raise_opset(model, QDQ_OPSET, dict(shapes or {}), "format=qdq")
-    targets = [n for g in graphs_of(model) for n in g if _target(n, options)]
+    targets = [n for g in model.graphs() for n in g if _target(n, options)]
     algo = options.int4_algo
     hessians = (
         _hessians(model, targets, options.calib) if algo == "gptq" and options.bits == 4 else {}

@@ -12,7 +12,6 @@ from onnxopt.passes._common import (
     RTOL,
     add_initializer,
     fresh_name,
-    graphs_of,
     is_scalar,
     is_standard,
     only_reader,
@@ -253,7 +252,7 @@ def count_swish(model: ir.Model) -> int:
     """How many x * Sigmoid(x) products the model computes, in every graph."""
     return sum(
         1
-        for graph in graphs_of(model)
+        for graph in model.graphs()
         for node in graph
         if is_standard(node, "Mul") and _swish_input(node) is not None
     )

@@ -209,13 +209,9 @@ def conv_affine(node: ir.Node, ctx: Context) -> Match:
         if linear.op_type == "MatMul" and node.op_type in ("Add", "Sub"):
             refusals.append("a MatMul takes no bias here (matmul_add makes it a Gemm)")
             continue
-        ones, zeros = np.ones_like(vector), np.zeros_like(vector)
-        scale, shift = {
-            "Mul": (vector, zeros),
-            "Div": (1 / vector, zeros),
-            "Add": (ones, vector),
-            "Sub": (ones, -vector),
-        }[node.op_type]
+        op = node.op_type  # 1 / vector only for Div: a Mul's vector may hold zeros
+        scale = vector if op == "Mul" else 1 / vector if op == "Div" else np.ones_like(vector)
+        shift = vector if op == "Add" else -vector if op == "Sub" else np.zeros_like(vector)
         refusal = _fold_refusal(linear, shift)
         if refusal is not None:
             return Match.fail(refusal)
