@@ -198,11 +198,8 @@ class OptPass(ir.passes.InPlacePass):
         )  # the options the user set, for options whose default depends on others
         for option in self.options:
             value = values.get(option.name, option.default)
-            setattr(
-                self,
-                option.name,
-                option.convert(value, self.name) if option.name in values else value,
-            )
+            given = option.name in values or option.many  # a list default is copied, never shared
+            setattr(self, option.name, option.convert(value, self.name) if given else value)
         for name in self.given:
             for other, allowed in known[name].only_with.items():
                 if getattr(self, other) not in allowed:

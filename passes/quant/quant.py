@@ -227,8 +227,6 @@ class Quantize(OptPass):
 
     def __init__(self, **values: Any):
         super().__init__(**values)
-        self.op_types = list(self.op_types)
-        self.exclude = list(self.exclude)
         try:
             self._exclude = [re.compile(p) for p in self.exclude]
         except re.error as e:

@@ -197,8 +197,6 @@ class WeightQuantize(OptPass):
 
     def __init__(self, **values: Any):
         super().__init__(**values)
-        self.keep_8bit, self.exclude = list(self.keep_8bit), list(self.exclude)
-        self.op_types = list(self.op_types)
         where = f"pass {self.name}"
         if self.block & (self.block - 1):
             raise UsageError(
