@@ -1,0 +1,3 @@
+from onnxopt.passes.slim.slim import Slim
+
+__all__ = ["Slim"]

@@ -1,0 +1,112 @@
+"""The numbers of slim: calibration statistics of one FFN, neuron scores, the width each layer keeps
+(allocation, apart from scoring so that later budgets can replace it) and the least-squares refit of
+the down-projection. Pure numpy, float64 throughout."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+
+class Stats:
+    """What calibration tokens say about one FFN, accumulated batch by batch (memory holds two
+    matrices, never the activations): with ``ha`` the activations [T, H] and a ones column, the Gram
+    matrix ``ha.T @ ha`` [H+1, H+1], the cross product ``ha.T @ y`` [H+1, N] with the whole
+    FFN's output ``y`` (bias included), and the sum of |h| per neuron."""
+
+    def __init__(self, width: int, outputs: int):
+        self.gram = np.zeros((width + 1, width + 1))
+        self.cross = np.zeros((width + 1, outputs))
+        self.abs_sum = np.zeros(width)
+        self.count = 0
+
+    def add(self, h: np.ndarray, y: np.ndarray) -> None:
+        """``h`` [T, H], ``y`` [T, N]: the same T tokens."""
+        ha = np.concatenate([h.astype(np.float64), np.ones((len(h), 1))], axis=1)
+        self.gram += ha.T @ ha
+        self.cross += ha.T @ y.astype(np.float64)
+        self.abs_sum += np.abs(h).sum(0, dtype=np.float64)
+        self.count += len(h)
+
+    @property
+    def mean(self) -> np.ndarray:
+        return self.gram[:-1, -1] / max(self.count, 1)
+
+    @property
+    def variance(self) -> np.ndarray:
+        n = max(self.count, 1)
+        return np.maximum(np.diag(self.gram)[:-1] / n - self.mean**2, 0.0)
+
+
+def scores(
+    method: str, w1s: list[np.ndarray], w2: np.ndarray, stats: Stats | None = None
+) -> np.ndarray:
+    """How much each neuron matters, higher is more: ``flap`` (FLAP's fluctuation: the variance of
+    its activation over calibration tokens times ||W2[j, :]||²), ``wanda`` (mean |h_j| times
+    ||W2[j, :]||) or ``magnitude`` (data-free: the product of ||W1[:, j]|| over the up-projections
+    and ||W2[j, :]||)."""
+    out_norm2 = np.sum(np.square(w2.astype(np.float64)), axis=1)
+    if method == "flap":
+        return stats.variance * out_norm2
+    if method == "wanda":
+        return stats.abs_sum / max(stats.count, 1) * np.sqrt(out_norm2)
+    if method == "magnitude":
+        score = np.sqrt(out_norm2)
+        for w1 in w1s:
+            score = score * np.linalg.norm(w1.astype(np.float64), axis=0)
+        return score
+    raise ValueError(f"unknown score {method!r}")
+
+
+def kept_width(width: int, ratio: float, multiple: int) -> int:
+    """The neurons a layer of ``width`` keeps when ``ratio`` of them go, rounded to the nearest
+    multiple of ``multiple`` (at least one multiple, at most ``width``)."""
+    if ratio <= 0 or width <= multiple:
+        return width
+    target = width * (1.0 - ratio)
+    kept = int(math.floor(target / multiple + 0.5)) * multiple
+    return min(width, max(multiple, kept))
+
+
+def allocate(widths: list[int], ratio: float, multiple: int) -> list[int]:
+    """The width each layer keeps: the same ``ratio`` for every layer. (A budget by measured
+    sensitivity, latency or output cosine would replace this function alone.)"""
+    return [kept_width(w, ratio, multiple) for w in widths]
+
+
+def choose(score: np.ndarray, kept: int) -> np.ndarray:
+    """The ``kept`` best-scored neurons, in their original order."""
+    order = np.argsort(-score, kind="stable")[:kept]
+    return np.sort(order)
+
+
+def refit(stats: Stats, keep: np.ndarray, ridge: float) -> tuple[np.ndarray, np.ndarray]:
+    """The down-projection (W2' [|S|, N], b2' [N]) that best maps the kept activations to the
+    original output: argmin ||H_S W2' + b2' - Y||² + λ||W2'||², λ = ``ridge`` times the mean
+    diagonal of H_S^T H_S (the bias is not damped). Solved from the Gram matrices in float64."""
+    idx = np.concatenate([keep, [stats.gram.shape[0] - 1]])
+    a = stats.gram[np.ix_(idx, idx)].copy()
+    n = len(keep)
+    damp = ridge * float(np.trace(a[:n, :n])) / max(n, 1)
+    damp = max(damp, 1e-12 * max(float(np.abs(a).max()), 1e-30))
+    a[np.arange(n), np.arange(n)] += damp
+    b = stats.cross[idx]
+    try:
+        solution = np.linalg.solve(a, b)
+    except np.linalg.LinAlgError:
+        solution = np.linalg.lstsq(a, b, rcond=None)[0]
+    return solution[:n], solution[n]
+
+
+def drop(
+    w2: np.ndarray, b2: np.ndarray, keep: np.ndarray, stats: Stats | None, compensate: bool
+) -> tuple[np.ndarray, np.ndarray]:
+    """The down-projection with the dropped neurons' rows removed; with ``compensate`` (FLAP's bias
+    compensation) their mean contribution over calibration tokens moves into the bias."""
+    w2 = w2.astype(np.float64)
+    b2 = b2.astype(np.float64)
+    if compensate:
+        gone = np.setdiff1d(np.arange(len(w2)), keep)
+        b2 = b2 + stats.mean[gone] @ w2[gone]
+    return w2[keep], b2
