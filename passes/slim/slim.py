@@ -16,11 +16,19 @@ original model gives every layer's statistics. Fitting to the original model's l
 0.9588 vs 0.9623, top-5 0.773 vs 0.794; non-sequential 0.9622 / 0.788): with 2770 calibration
 tokens for 1025 coefficients per output it overfits. Without calib the pass is data-free: weight
 magnitudes, no refit.
+
+Attention heads (``heads``, see ``heads``): the same share of every attention layer's heads goes,
+ranked by the FLAP score summed over each head's dh context channels (the out-projection's input
+plays the FFN hidden activation's part); the out-projection is refit the same way, in the same
+graph-ordered sequence as the FFNs. On MiniLM-L6 (12 heads x 32), heads=0.25 alone: sentence cosine
+0.956 with the lsq refit vs 0.920 without; greedy elimination by the refit residual instead of the
+FLAP ranking measured 0.959 (mean) but a worse minimum (0.823 vs 0.871), so it is not used.
 """
 
 from __future__ import annotations
 
 import collections
+import math
 import re
 import warnings
 from typing import Any
@@ -39,7 +47,8 @@ from onnxopt.passes._common import (
     lift_constants,
     remove_unused,
 )
-from onnxopt.passes.slim import fit
+from onnxopt.passes.slim import fit, heads
+from onnxopt.passes.slim.heads import Attention
 from onnxopt.passes.slim.units import Ffn, find
 
 AUTO = "auto"
@@ -52,7 +61,8 @@ class Slim(OptPass):
     name = "slim"
     summary = (
         "structured pruning: remove FFN neurons (up-projection columns, down-projection rows) by "
-        "calibration importance and refit the down-projection by least squares; for speed"
+        "calibration importance and refit the down-projection by least squares; with heads=, "
+        "attention heads too (Q/K/V columns, out-projection rows, refit likewise); for speed"
     )
     exact = False
     options = (
@@ -68,6 +78,15 @@ class Slim(OptPass):
             float,
             0.25,
             "fraction of each FFN's neurons removed (before rounding to multiple)",
+            low=0,
+            high=0.9,
+        ),
+        Option(
+            "heads",
+            float,
+            0.0,
+            "fraction of each attention layer's heads removed (Q, K, V columns and out-projection "
+            "rows, head by head; the out-projection refit like a down-projection); 0: heads stay",
             low=0,
             high=0.9,
         ),
@@ -168,6 +187,11 @@ class Slim(OptPass):
         found = collections.Counter(f"{f.kind} units" for f in ffns)
         if refused:
             found["ffn-like chains refused"] = len(refused)
+        attentions, refused = heads.find(model.graph)
+        if attentions:
+            found["attention layers (heads)"] = len(attentions)
+        if refused:
+            found["attention-like blocks refused"] = len(refused)
         return dict(found)
 
     def call(self, model: ir.Model) -> Outcome:
@@ -187,6 +211,10 @@ class Slim(OptPass):
                 f"{len(whole)} FFN(s) keep their width after rounding to {self.multiple}: "
                 + ", ".join(whole)
             )
+        head_targets = self._heads(model, ffns, notes)
+        if head_targets:
+            order = {node: i for i, node in enumerate(model.graph)}
+            targets = sorted(targets + head_targets, key=lambda t: order.get(t[0].down, 0))
         if not targets:
             notes.insert(0, f"nothing to slim: {len(ffns)} FFN(s) found, none narrowed")
             return Outcome(model, False, notes, [], self.min_cosine)
@@ -200,16 +228,46 @@ class Slim(OptPass):
             notes.append(message)
         rows = self._slim(model, targets, notes)
         remove_unused(model)
-        kinds = collections.Counter(f.kind for f, _ in targets)
-        removed = sum(f.width - k for f, k in targets)
-        total = sum(f.width for f, _ in targets)
-        notes.insert(
-            0,
-            f"removed {removed} of {total} neurons in {len(targets)} layer(s) ("
-            + ", ".join(f"{n} {kind}" for kind, n in sorted(kinds.items()))
-            + ")",
-        )
+        ffn_targets = [(f, k) for f, k in targets if isinstance(f, Ffn)]
+        kinds = collections.Counter(f.kind for f, _ in ffn_targets)
+        removed = sum(f.width - k for f, k in ffn_targets)
+        total = sum(f.width for f, _ in ffn_targets)
+        summary = []
+        if ffn_targets:
+            summary.append(
+                f"removed {removed} of {total} neurons in {len(ffn_targets)} layer(s) ("
+                + ", ".join(f"{n} {kind}" for kind, n in sorted(kinds.items()))
+                + ")"
+            )
+        if head_targets:
+            removed = sum(a.heads - k for a, k in head_targets)
+            total = sum(a.heads for a, _ in head_targets)
+            summary.append(
+                f"removed {removed} of {total} attention heads in {len(head_targets)} layer(s)"
+            )
+        notes.insert(0, "; ".join(summary))
         return Outcome(model, True, notes, rows, self.min_cosine)
+
+    def _heads(self, model: ir.Model, ffns: list[Ffn], notes: list[str]) -> list:
+        """The attentions to narrow and the heads each keeps (none when ``heads`` is 0)."""
+        if self.heads <= 0:
+            return []
+        found, refused = heads.find(model.graph)
+        notes += [f"left alone (attention): {reason}" for reason in refused]
+        taken = {n for f in ffns for n in f.nodes()}
+        targets = []
+        for att in found:
+            if taken & set(att.all_nodes()):
+                notes.append(f"left alone (attention): {att.name}: overlaps an FFN")
+            elif any(p.fullmatch(att.name) for p in self._exclude):
+                notes.append(f"excluded: {att.name}")
+            else:
+                kept = max(1, att.heads - int(math.floor(att.heads * self.heads + 0.5)))
+                if kept < att.heads:
+                    targets.append((att, kept))
+        if not targets:
+            notes.append(f"heads: {len(found)} attention(s) found, none narrowed")
+        return targets
 
     def _slim(self, model: ir.Model, targets: list[tuple[Ffn, int]], notes: list[str]) -> list:
         method, refit = self.score_method, self.refit_method
@@ -243,6 +301,8 @@ class Slim(OptPass):
         return rows
 
     def _apply(self, ffn: Ffn, kept: int, stats: fit.Stats | None, method: str, refit: str) -> dict:
+        if isinstance(ffn, Attention):
+            return self._apply_heads(ffn, kept, stats, method, refit)
         w1s = [constant(up.weight) for up in ffn.ups]
         w2 = constant(ffn.down.inputs[1])
         b2_value = ffn.down_bias_value
@@ -266,6 +326,41 @@ class Slim(OptPass):
             "macs_after": (k_in + n_out) * kept,
             "output": output,
         }
+
+    def _apply_heads(
+        self, att: Attention, kept: int, stats: fit.Stats | None, method: str, refit: str
+    ) -> dict:
+        """Keep the ``kept`` best heads of ``att`` by the summed scores of their context channels
+        (flap: variance times ||Wo row||²; magnitude: ||Wv column||·||Wo row||), refit Wo."""
+        wo = constant(att.down.inputs[1])
+        bias = att.down_bias_value
+        bo = np.zeros(wo.shape[1], np.float32) if bias is None else constant(bias)
+        score = fit.scores(method, [constant(att.v.weight)], wo, stats)
+        keep_heads = fit.choose(heads.head_scores(score, att.head_dim), kept)
+        keep = heads.channels(keep_heads, att.head_dim)
+        output = att.output.name
+        k_in = constant(att.q.weight).shape[0]
+        if refit == "lsq":
+            new_wo, new_bo = fit.refit(stats, keep, self.ridge)
+        else:
+            new_wo, new_bo = fit.drop(wo, bo.reshape(-1), keep, stats, refit == "bias")
+        heads.rewrite(att, keep_heads, new_wo.astype(np.float32), new_bo.astype(np.float32))
+        return {
+            "layer": att.name,
+            "kind": att.kind,
+            "units_before": att.heads,
+            "units_after": kept,
+            "macs_before": _attention_macs(att, k_in, wo.shape[1], att.heads),
+            "macs_after": _attention_macs(att, k_in, wo.shape[1], kept),
+            "output": output,
+        }
+
+
+def _attention_macs(att: Attention, k_in: int, n_out: int, nh: int) -> int:
+    """MACs per token of the projections (Q, K, V and out) with ``nh`` heads; the score and
+    context MatMuls add 2·nh·dh per token per key on top (sequence-dependent, left out)."""
+    d = nh * att.head_dim
+    return 3 * k_in * d + d * n_out
 
 
 def _token_mask(results: dict[str, np.ndarray], shape: tuple[int, ...]) -> np.ndarray | None:

@@ -13,6 +13,7 @@ from onnxopt.errors import UsageError
 from onnxopt.passbase import parse_pass
 from onnxopt.passes import Slim
 from onnxopt.passes.slim import fit
+from onnxopt.passes.slim.heads import find as heads_find
 from onnxopt.passes.slim.units import find
 
 K, H, SEQ = 32, 64, 8
@@ -234,3 +235,167 @@ def test_both_faces_pass_the_check(tmp_path, calib):
     )
     assert width(model, "up0") == 32
     assert str(report2) and str(report)
+
+
+# --- attention heads -----------------------------------------------------------------------------
+
+D, NH, DH, S = 16, 4, 4, 5
+
+
+def attention_model(*, opaque=False, concat=False, seed=0):
+    """x [batch, S, D] through one attention block as torch exports it: Q, K, V = x W + b, Reshape
+    to [0, 0, NH, DH] (constants), Transpose, Q K^T / sqrt(DH), Softmax, @ V, Transpose, Reshape
+    [0, 0, D], Wo + bo, Add x. ``opaque``: Q's Reshape target is computed (Abs of a constant);
+    ``concat``: the targets are Concats of Shape-derived dims and constants (one shared by K and V)."""
+    rng = np.random.default_rng(seed)
+    init = {}
+    for name in ("q", "k", "v", "o"):
+        init[f"w{name}"] = (rng.standard_normal((D, D)) / np.sqrt(D)).astype(np.float32)
+        init[f"b{name}"] = (0.1 * rng.standard_normal(D)).astype(np.float32)
+    init["wq"] *= 2  # sharper attention
+    init["split"] = np.array([0, 0, NH, DH], np.int64)
+    init["split_q"] = np.array([0, 0, NH, DH], np.int64)
+    init["merge"] = np.array([0, 0, D], np.int64)
+    init["scale"] = np.float32(np.sqrt(DH))
+    nodes = []
+    if concat:
+        init.update(
+            {
+                "i0": np.int64(0),
+                "i1": np.int64(1),
+                "ax": np.array([0], np.int64),
+                "c_nh": np.array([NH], np.int64),
+                "c_dh": np.array([DH], np.int64),
+                "c_d": np.array([D], np.int64),
+            }
+        )
+        nodes += [
+            helper.make_node("Shape", ["x"], ["x_shape"]),
+            helper.make_node("Gather", ["x_shape", "i0"], ["b"], axis=0),
+            helper.make_node("Gather", ["x_shape", "i1"], ["s"], axis=0),
+            helper.make_node("Unsqueeze", ["b", "ax"], ["b1"]),
+            helper.make_node("Unsqueeze", ["s", "ax"], ["s1"]),
+            helper.make_node("Concat", ["b1", "s1", "c_nh", "c_dh"], ["split"], axis=0),
+            helper.make_node("Concat", ["b1", "s1", "c_nh", "c_dh"], ["split_q"], axis=0),
+            helper.make_node("Concat", ["b1", "s1", "c_d"], ["merge"], axis=0),
+        ]
+        for name in ("split", "split_q", "merge"):
+            del init[name]
+    for name in ("q", "k", "v"):
+        nodes += [
+            helper.make_node("MatMul", ["x", f"w{name}"], [f"{name}_mm"], name=f"{name}_proj"),
+            helper.make_node("Add", [f"{name}_mm", f"b{name}"], [f"{name}_b"]),
+        ]
+    q_target = "split_q"
+    if opaque:
+        nodes.append(helper.make_node("Abs", ["split_q"], ["split_q_abs"]))
+        q_target = "split_q_abs"
+    nodes += [
+        helper.make_node("Reshape", ["q_b", q_target], ["q_r"], name="q_reshape"),
+        helper.make_node("Reshape", ["k_b", "split"], ["k_r"]),
+        helper.make_node("Reshape", ["v_b", "split"], ["v_r"]),
+        helper.make_node("Transpose", ["q_r"], ["q_t"], perm=[0, 2, 1, 3]),
+        helper.make_node("Transpose", ["k_r"], ["k_t"], perm=[0, 2, 3, 1]),
+        helper.make_node("Transpose", ["v_r"], ["v_t"], perm=[0, 2, 1, 3]),
+        helper.make_node("MatMul", ["q_t", "k_t"], ["scores"]),
+        helper.make_node("Div", ["scores", "scale"], ["scaled"]),
+        helper.make_node("Softmax", ["scaled"], ["probs"], axis=-1),
+        helper.make_node("MatMul", ["probs", "v_t"], ["context"], name="context"),
+        helper.make_node("Transpose", ["context"], ["ctx_t"], perm=[0, 2, 1, 3]),
+        helper.make_node("Reshape", ["ctx_t", "merge"], ["ctx"]),
+        helper.make_node("MatMul", ["ctx", "wo"], ["o_mm"], name="out_proj"),
+        helper.make_node("Add", ["o_mm", "bo"], ["o"]),
+        helper.make_node("Add", ["x", "o"], ["out"]),
+    ]
+    return make_model(
+        nodes, [("x", F, ["batch", S, D])], [("out", F, ["batch", S, D])], init, opset=17
+    )
+
+
+def attention_samples(n, seed):
+    return np.random.default_rng(seed).standard_normal((n, S, D)).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def attention_calib(tmp_path_factory):
+    path = tmp_path_factory.mktemp("slim_heads") / "calib.npz"
+    np.savez(path, x=attention_samples(64, 1))
+    return str(path)
+
+
+def node_named(model, name):
+    node = next(n for n in model.graph if n.name == name)
+    return node
+
+
+def test_attention_is_found():
+    found, refused = heads_find(ir.serde.deserialize_model(attention_model()).graph)
+    assert not refused and [(a.name, a.heads, a.head_dim) for a in found] == [("out_proj", NH, DH)]
+    assert [e.kind for e in found[0].edits] == ["d", "nh", "nh", "nh"]
+
+
+@pytest.mark.parametrize(("concat", "sequential"), [(False, True), (True, False)])
+def test_heads_are_removed_and_the_out_projection_refit(attention_calib, concat, sequential):
+    proto = attention_model(concat=concat)
+    held_out = attention_samples(16, 99)
+    errors = {}
+    for refit in ("lsq", "none"):
+        model, result = slim(
+            proto, ratio=0, heads=0.5, calib=attention_calib, refit=refit, sequential=sequential
+        )
+        assert result.modified
+        assert result.notes[0] == f"removed 2 of {NH} attention heads in 1 layer(s)"
+        [row] = result.rows
+        assert (row["kind"], row["units_before"], row["units_after"]) == ("heads", NH, 2)
+        assert row["macs_before"] == 4 * D * D and row["macs_after"] == 4 * D * D // 2
+        q = node_named(model, "q_proj").inputs[1].const_value.shape
+        o = node_named(model, "out_proj").inputs[1].const_value.shape
+        assert tuple(q) == (D, 2 * DH) and tuple(o) == (2 * DH, D)
+        targets = sorted(
+            tuple(n.inputs[1].const_value.numpy().tolist())
+            for n in model.graph
+            if n.op_type in ("Reshape", "Concat") and n.inputs[1].const_value is not None
+        )
+        if concat:  # the constants [NH] of the two split Concats, [D] of the merge Concat
+            concats = [n for n in model.graph if n.op_type == "Concat"]
+            assert sorted(
+                int(n.inputs[-1 if len(n.inputs) == 3 else 2].const_value.numpy()[0])
+                for n in concats
+            ) == [2, 2, 2 * DH]
+        else:
+            assert targets == [(0, 0, 2, DH)] * 3 + [(0, 0, 2 * DH)]
+        assert [(v.name, list(v.shape)) for v in model.graph.outputs] == [("out", ["batch", S, D])]
+        assert run_proto(model, {"x": held_out})["out"].shape == (16, S, D)
+        onnx.checker.check_model(ir.serde.serialize_model(model), full_check=True)
+        errors[refit] = error(proto, model, held_out)
+    assert errors["lsq"] < errors["none"], errors
+
+
+def test_heads_zero_leaves_attention_alone(attention_calib):
+    proto = attention_model()
+    model, result = slim(proto, ratio=0, calib=attention_calib)
+    assert not result.modified
+    assert node_named(model, "q_proj").inputs[1].const_value.shape[1] == D
+
+
+def test_data_free_heads():
+    with pytest.warns(UserWarning, match="data-free"):
+        model, result = slim(attention_model(), heads=0.25)
+    assert result.rows[0]["units_after"] == 3
+    assert run_proto(model, {"x": attention_samples(2, 3)})["out"].shape == (2, S, D)
+
+
+def test_an_unrecognisable_reshape_is_left_alone(attention_calib):
+    proto = attention_model(opaque=True)
+    model, result = slim(proto, ratio=0, heads=0.5, calib=attention_calib)
+    assert not result.modified
+    assert node_named(model, "q_proj").inputs[1].const_value.shape[1] == D
+    assert any(
+        n.startswith("left alone (attention): context: ") and "q_reshape" in n for n in result.notes
+    ), result.notes
+
+
+def test_heads_option():
+    with pytest.raises(UsageError, match="within"):
+        Slim(heads=0.95)
+    assert repr(parse_pass("slim(heads=0.25)")) == "slim(heads=0.25)"
