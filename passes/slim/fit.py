@@ -4,6 +4,7 @@ the down-projection. Pure numpy, float64 throughout."""
 
 from __future__ import annotations
 
+import heapq
 import math
 
 import numpy as np
@@ -19,6 +20,8 @@ class Stats:
         self.gram = np.zeros((width + 1, width + 1))
         self.cross = np.zeros((width + 1, outputs))
         self.abs_sum = np.zeros(width)
+        self.y_square = np.zeros(outputs)
+        self.stream = 0.0  # sum over tokens of ||z - mean z||², z the residual sum after the layer
         self.count = 0
 
     def add(self, h: np.ndarray, y: np.ndarray) -> None:
@@ -27,7 +30,16 @@ class Stats:
         self.gram += ha.T @ ha
         self.cross += ha.T @ y.astype(np.float64)
         self.abs_sum += np.abs(h).sum(0, dtype=np.float64)
+        self.y_square += np.square(y.astype(np.float64)).sum(0)
         self.count += len(h)
+
+    def merge(self, other: Stats) -> None:
+        self.gram += other.gram
+        self.cross += other.cross
+        self.abs_sum += other.abs_sum
+        self.y_square += other.y_square
+        self.stream += other.stream
+        self.count += other.count
 
     @property
     def mean(self) -> np.ndarray:
@@ -70,9 +82,101 @@ def kept_width(width: int, ratio: float, multiple: int) -> int:
 
 
 def allocate(widths: list[int], ratio: float, multiple: int) -> list[int]:
-    """The width each layer keeps: the same ``ratio`` for every layer. (A budget by measured
-    sensitivity, latency or output cosine would replace this function alone.)"""
+    """The width each layer keeps: the same ``ratio`` for every layer (``allocate_by_cost`` shares
+    the cut by measured sensitivity instead)."""
     return [kept_width(w, ratio, multiple) for w in widths]
+
+
+def _error(stats: Stats, idx: np.ndarray, theta: np.ndarray) -> float:
+    """||H_S theta - Y||² on the tokens of ``stats`` (``idx`` the kept columns and the ones)."""
+    fitted = float(np.sum(theta * (stats.gram[np.ix_(idx, idx)] @ theta)))
+    return float(stats.y_square.sum()) - 2.0 * float(np.sum(theta * stats.cross[idx])) + fitted
+
+
+def _energy(stats: Stats) -> float:
+    """What the error is measured against: the residual stream the layer's output joins (centred
+    per token, as a LayerNorm sees it) when known, else the output's own variance."""
+    if stats.stream > 0:
+        return stats.stream
+    n = max(stats.count, 1)
+    return float(stats.y_square.sum() - np.sum(np.square(stats.cross[-1])) / n)
+
+
+def residual(folds: list[Stats], keep: np.ndarray, ridge: float) -> float:
+    """The share of the layer's output the refit on ``keep`` leaves unexplained, cross-validated:
+    the refit on each fold of calibration tokens evaluated on the others, ||H_S W2' + b2' - Y||²
+    over ||Y - mean Y||², from the Gram matrices alone (no run). In-sample residuals flatter wide
+    layers: with ~3k tokens for ~1.5k coefficients the refit overfits."""
+    idx = np.concatenate([keep, [folds[0].gram.shape[0] - 1]])
+    left = 0.0
+    for i, fold in enumerate(folds):
+        w, b = refit(fold, keep, ridge)
+        theta = np.concatenate([w, b[None]], axis=0)
+        others = [f for j, f in enumerate(folds) if j != i] or [fold]
+        left += sum(max(_error(o, idx, theta), 0.0) for o in others)
+    energy = sum(_energy(f) for f in folds) * max(len(folds) - 1, 1)
+    return left / max(energy, 1e-30)
+
+
+def levels(width: int, multiple: int) -> list[int]:
+    """The widths a layer may keep, widest first: its own, then the multiples of ``multiple`` below
+    it down to one multiple."""
+    if width <= multiple:
+        return [width]
+    below = list(range((width - 1) // multiple * multiple, 0, -multiple))
+    return [width, *below]
+
+
+def sensitivity(
+    folds: list[Stats], score: np.ndarray, ridge: float, multiple: int, steps: int = 8
+) -> dict[int, float]:
+    """The refit residual (see ``residual``) at every width of ``levels``, above the full width's:
+    measured at ``steps`` evenly spaced widths (the kept neurons the best by ``score``),
+    interpolated linearly in between and made non-increasing in the width."""
+    width = len(score)
+    options = levels(width, multiple)
+    if len(options) == 1:
+        return {width: 0.0}
+    probes = sorted(
+        {width, multiple} | {kept_width(width, i / steps, multiple) for i in range(1, steps)}
+    )
+    measured = np.array([residual(folds, choose(score, k), ridge) for k in probes])
+    measured = np.maximum(measured - measured[-1], 0.0)
+    curve = np.interp(options, probes, measured)
+    return {k: float(c) for k, c in zip(options, np.maximum.accumulate(curve))}
+
+
+def allocate_by_cost(
+    costs: list[dict[int, float]], unit_macs: list[int], ratio: float
+) -> list[int]:
+    """The width each layer keeps so that about ``ratio`` of all the layers' MACs go, removing one
+    step of ``levels`` at a time from the layer whose next step adds the least cost per MAC (a
+    global priority queue over the curves of ``sensitivity``). Equal curves give equal cuts."""
+    widths = [max(c) for c in costs]
+    total = sum(w * m for w, m in zip(widths, unit_macs))
+    target = ratio * total
+    steps = [sorted(c, reverse=True) for c in costs]
+    at = [0] * len(costs)
+    queue = []
+
+    def push(i: int) -> None:
+        if at[i] + 1 < len(steps[i]):
+            now, nxt = steps[i][at[i]], steps[i][at[i] + 1]
+            macs = (now - nxt) * unit_macs[i]
+            rise = (costs[i][nxt] - costs[i][now]) / macs
+            heapq.heappush(queue, (rise, 1 - now / widths[i], i, macs))
+
+    for i in range(len(costs)):
+        push(i)
+    removed = 0.0
+    while queue:
+        *_, i, macs = heapq.heappop(queue)
+        if removed + macs / 2 > target:
+            break
+        removed += macs
+        at[i] += 1
+        push(i)
+    return [s[a] for s, a in zip(steps, at)]
 
 
 def choose(score: np.ndarray, kept: int) -> np.ndarray:

@@ -144,6 +144,57 @@ def test_slim_narrows_and_keeps_the_interface(act, calib):
     onnx.checker.check_model(ir.serde.serialize_model(model), full_check=True)
 
 
+def redundant_first_layer():
+    """``ffn_model`` whose layer 0 has each of its first H/2 neurons twice (the copy's W2 row 1% of
+    the original's): half its neurons add nothing the refit cannot absorb; layer 1's all matter."""
+    proto = ffn_model("Gelu")
+    init = {t.name: t for t in proto.graph.initializer}
+    arrays = {n: onnx.numpy_helper.to_array(init[n]).copy() for n in ("w1_0", "b1_0", "w2_0")}
+    half = H // 2
+    arrays["w1_0"][:, half:] = arrays["w1_0"][:, :half]
+    arrays["b1_0"][half:] = arrays["b1_0"][:half]
+    arrays["w2_0"][half:] = 0.01 * arrays["w2_0"][:half]
+    for name, array in arrays.items():
+        init[name].CopyFrom(onnx.numpy_helper.from_array(array, name))
+    return proto
+
+
+def test_sensitivity_cuts_the_redundant_layer(calib):
+    proto = redundant_first_layer()
+    model, result = slim(proto, ratio=0.25, calib=calib, allocate="sensitivity")
+    assert width(model, "up0") == H // 2 and width(model, "up1") == H
+    assert result.notes[0] == f"removed 32 of {H} neurons in 1 layer(s) (1 ffn)"
+    note = next(n for n in result.notes if n.startswith("allocate: sensitivity: 0.25"))
+    assert "up0 32/64" in note and "up1 64/64" in note
+    uniform, _ = slim(proto, ratio=0.25, calib=calib, allocate="uniform")
+    assert width(uniform, "up0") == width(uniform, "up1") == 48
+    x = samples(8, 11)
+    assert error(proto, model, x) < 0.1 * error(proto, uniform, x)
+    # a larger cut: the redundant half goes first, then both layers share the rest
+    model, result = slim(proto, ratio=0.5, calib=calib, allocate="sensitivity")
+    widths = [width(model, "up0"), width(model, "up1")]
+    assert sum(widths) == H and widths[0] <= widths[1], widths
+
+
+def test_allocation_by_cost():
+    curve = {64: 0.0, 48: 1.0, 32: 3.0, 16: 6.0}
+    # equal curves, equal cuts; the total follows the ratio of MACs
+    assert fit.allocate_by_cost([curve, curve], [10, 10], 0.25) == [48, 48]
+    assert fit.allocate_by_cost([curve, curve], [10, 10], 0.5) == [32, 32]
+    cheap = {k: 0.1 * c for k, c in curve.items()}
+    assert fit.allocate_by_cost([curve, cheap], [10, 10], 0.25) == [64, 32]
+    # a layer whose neurons cost more MACs gives fewer of them for the same share
+    assert fit.allocate_by_cost([curve, curve], [10, 30], 0.25) == [64, 48]
+    assert fit.levels(40, 16) == [40, 32, 16] and fit.levels(16, 16) == [16]
+    assert fit.allocate_by_cost([curve], [10], 0) == [64]
+
+
+def test_sensitivity_needs_calib():
+    with pytest.warns(UserWarning, match="data-free"):
+        _, result = slim(ffn_model("Relu"), ratio=0.5, allocate="sensitivity")
+    assert any(n.startswith("allocate: sensitivity needs calib") for n in result.notes)
+
+
 @pytest.mark.parametrize("sequential", [True, False])
 def test_the_refit_beats_dropping_rows(calib, sequential):
     proto = ffn_model("Gelu")
@@ -221,6 +272,8 @@ def test_options():
     with pytest.raises(UsageError, match="within"):
         Slim(ratio=0.95)
     assert repr(parse_pass("slim(ratio=0.5,multiple=8)")) == "slim(ratio=0.5,multiple=8)"
+    with pytest.raises(UsageError):
+        Slim(allocate="greedy")
     assert Slim(calib="c.npz").score_method == "flap" and Slim().score_method == "magnitude"
 
 
