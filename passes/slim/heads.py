@@ -28,7 +28,7 @@ from onnxopt.passes._common import (
     producer,
     scalar,
 )
-from onnxopt.passes.slim.units import Up, _down_bias, _up
+from onnxopt.passes.slim.units import Projected, Up, _down_bias, _up
 
 # Between the scores MatMul and Softmax, and between Softmax and the context MatMul.
 _PRE_SOFTMAX = frozenset({"Add", "Mul", "Div", "Sub", "Where", "Cast", "Identity"})
@@ -47,7 +47,7 @@ class Edit:
 
 
 @dataclasses.dataclass
-class Attention:
+class Attention(Projected):
     """One multi-head attention: the Q, K, V projections, every node up to the out-projection."""
 
     q: Up
@@ -70,20 +70,6 @@ class Attention:
     def width(self) -> int:
         """D, the context channels (the out-projection's input)."""
         return self.heads * self.head_dim
-
-    @property
-    def hidden(self) -> ir.Value:
-        return self.down.inputs[0]
-
-    @property
-    def output(self) -> ir.Value:
-        return (self.down_bias or self.down).outputs[0]
-
-    @property
-    def down_bias_value(self) -> ir.Value | None:
-        if self.down_bias is None:
-            return None
-        return next(v for v in self.down_bias.inputs if constant(v) is not None)
 
     @property
     def ups(self) -> list[Up]:

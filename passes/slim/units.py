@@ -72,8 +72,30 @@ class Up:
         return None if self.bias is None else _constant_input(self.bias)
 
 
+class Projected:
+    """A unit kind whose removed units are rows of a projection ``down`` (a MatMul, then an optional
+    bias Add ``down_bias``) that the refit rebuilds: an FFN's down-projection, attention's output one."""
+
+    down: ir.Node
+    down_bias: ir.Node | None
+
+    @property
+    def hidden(self) -> ir.Value:
+        """The projection's input: the units' activations."""
+        return self.down.inputs[0]
+
+    @property
+    def output(self) -> ir.Value:
+        """What the unit kind computes: the projection's output, after its bias when present."""
+        return (self.down_bias or self.down).outputs[0]
+
+    @property
+    def down_bias_value(self) -> ir.Value | None:
+        return None if self.down_bias is None else _constant_input(self.down_bias)
+
+
 @dataclasses.dataclass
-class Ffn:
+class Ffn(Projected):
     """One FFN: its up-projections, the elementwise nodes between, the down-projection."""
 
     ups: list[Up]
@@ -91,20 +113,6 @@ class Ffn:
         if len(self.ups) > 1:
             return "gated ffn"
         return "ffn" if self.region else "linear"
-
-    @property
-    def hidden(self) -> ir.Value:
-        """The down-projection's input: the neurons' activations."""
-        return self.down.inputs[0]
-
-    @property
-    def output(self) -> ir.Value:
-        """The value the FFN computes: the down-projection's output, after its bias when present."""
-        return (self.down_bias or self.down).outputs[0]
-
-    @property
-    def down_bias_value(self) -> ir.Value | None:
-        return None if self.down_bias is None else _constant_input(self.down_bias)
 
     def nodes(self) -> list[ir.Node]:
         found = [n for up in self.ups for n in (up.matmul, up.bias) if n is not None]
