@@ -153,12 +153,12 @@ def run_cmd(
         io.write_text(report_path, io.to_json(result.to_dict()))
     out.print(f"wrote {output}")
     if result.gate and not result.gate.passed:
-        raise CheckFailed(f"gate failed: {', '.join(g.name for g in result.gate.failed)}")
+        raise result.gate.failure()
 
 
 def _print_run(out, say, result) -> None:
     """The run's tables (say: nothing when quiet) and notes (always)."""
-    for notice in result.notices[:1]:
+    for notice in result.notices:
         out.print(f"note: {notice}", markup=False)
     for table in report.run_tables(result.run, result.size_before, result.size_after):
         say(table)
@@ -173,8 +173,6 @@ def _print_run(out, say, result) -> None:
         columns = get_pass(record.name.partition("(")[0]).columns
         if record.rows and any("sqnr_db" in r for r in record.rows):
             say(report.layer_table(f"layers of {record.name}", columns, record.rows))
-    for notice in result.notices[1:]:
-        out.print(f"note: {notice}", markup=False)
     if result.totals.get("speedup"):
         t = result.totals
         say(
@@ -535,7 +533,7 @@ def check_cmd(reference, candidate, policy_path, json_path, markdown_path, junit
         result, json_path=json_path, markdown_path=markdown_path, junit_path=junit_path
     )
     if not result.passed:
-        raise _gate_failure(result)
+        raise result.failure()
 
 
 def _gate(out, gate_policy, reference, candidate, quiet: bool) -> gate.GateResult:
@@ -545,10 +543,6 @@ def _gate(out, gate_policy, reference, candidate, quiet: bool) -> gate.GateResul
         out.print(f"note: {notice}", markup=False)
     out.print(report.gate_table(result))
     return result
-
-
-def _gate_failure(result: gate.GateResult) -> CheckFailed:
-    return CheckFailed(f"gate failed: {', '.join(g.name for g in result.failed)}")
 
 
 @cli.command("passes")

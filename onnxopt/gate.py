@@ -13,6 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from onnxopt import bench, inputs, io, validate
+from onnxopt.errors import CheckFailed
 from onnxopt.policy import Policy
 
 
@@ -40,6 +41,10 @@ class GateResult:
     @property
     def failed(self) -> list[Goal]:
         return [g for g in self.goals if not g.passed]
+
+    def failure(self) -> CheckFailed:
+        """The error a failed gate raises (exit 1)."""
+        return CheckFailed(f"gate failed: {', '.join(g.name for g in self.failed)}")
 
     def to_dict(self) -> dict:
         return {

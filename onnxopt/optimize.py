@@ -191,9 +191,10 @@ def _gate(
     result = gate.evaluate(gate_policy, source, staged)
     result.candidate = str(output or staged)
     report.gate = result
+    report.notices += [n for n in result.notices if n not in report.notices]
     if result.passed:
         return None
-    failure = CheckFailed(f"gate failed: {', '.join(g.name for g in result.failed)}")
+    failure = result.failure()
     failure.report = report
     if not keep_failed:
         raise failure
