@@ -214,3 +214,42 @@ def drop(
         gone = np.setdiff1d(np.arange(len(w2)), keep)
         b2 = b2 + stats.mean[gone] @ w2[gone]
     return w2[keep], b2
+
+
+def refit_towards(
+    stats: Stats, keep: np.ndarray, prior: np.ndarray, ridge: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """Like ``refit``, but damped towards ``prior`` [|S|, N] (the kept rows as they were) rather
+    than towards zero: argmin ||H_S W' + b' - Y||² + λ||W' - prior||². With fewer calibration rows
+    than unknowns (a 3x3 Conv of 256 channels has 2304 inputs per output, the deepest YOLOv8n
+    layers see 100 positions per image) the fit stays near the original weights instead of
+    shrinking them."""
+    idx = np.concatenate([keep, [stats.gram.shape[0] - 1]])
+    a = stats.gram[np.ix_(idx, idx)].copy()
+    n = len(keep)
+    damp = ridge * float(np.trace(a[:n, :n])) / max(n, 1)
+    damp = max(damp, 1e-12 * max(float(np.abs(a).max()), 1e-30))
+    a[np.arange(n), np.arange(n)] += damp
+    b = stats.cross[idx].copy()
+    b[:n] += damp * prior
+    try:
+        solution = np.linalg.solve(a, b)
+    except np.linalg.LinAlgError:
+        solution = np.linalg.lstsq(a, b, rcond=None)[0]
+    return solution[:n], solution[n]
+
+
+def patches(
+    x: np.ndarray,
+    kernel: tuple[int, int],
+    strides: tuple[int, int],
+    pads: tuple[int, int, int, int],
+) -> np.ndarray:
+    """The im2col rows of a 2-D Conv's input ``x`` [B, C, H, W]: one row per output position,
+    columns ordered as the weight's [C, kh, kw] (so ``rows @ W.reshape(Cout, -1).T`` is the Conv)."""
+    top, left, bottom, right = pads
+    x = np.pad(x, ((0, 0), (0, 0), (top, bottom), (left, right)))
+    windows = np.lib.stride_tricks.sliding_window_view(x, kernel, axis=(2, 3))
+    windows = windows[:, :, :: strides[0], :: strides[1]]
+    b, c, h, w, kh, kw = windows.shape
+    return windows.transpose(0, 2, 3, 1, 4, 5).reshape(b * h * w, c * kh * kw)

@@ -63,14 +63,14 @@ from onnxopt.passes._common import (
     lift_constants,
     remove_unused,
 )
-from onnxopt.passes.slim import fit, heads
+from onnxopt.passes.slim import channels, conv, fit, heads
 from onnxopt.passes.slim.heads import Attention
 from onnxopt.passes.slim.units import Ffn, find
 
 AUTO = "auto"
 SCORES = (AUTO, "flap", "wanda", "magnitude")
 REFITS = (AUTO, "lsq", "bias", "none")
-ALLOCATIONS = ("uniform", "sensitivity")
+ALLOCATIONS = (AUTO, "uniform", "sensitivity")
 DEFAULT_MIN_COSINE = 0.95
 FOLDS = 1  # calibration folds for the sensitivity residual (1: in-sample)
 
@@ -102,10 +102,11 @@ class Slim(OptPass):
         Option(
             "allocate",
             str,
-            "uniform",
-            "how the FFN cut is shared: uniform (every layer loses ratio of its neurons), "
-            "sensitivity (ratio of all FFN MACs goes, multiple neurons at a time from the layer "
-            "whose refit residual on the calibration tokens grows least; needs calib, else uniform)",
+            AUTO,
+            "how the cut is shared: uniform (every layer loses ratio of its units), sensitivity "
+            "(ratio of the MACs goes where the measured error grows least: FFNs by their refit "
+            "residual, Conv channel blocks by the output error with that block alone cut; needs "
+            "calib, else uniform); auto: uniform for FFNs, sensitivity for Conv channels",
             choices=ALLOCATIONS,
         ),
         Option(
@@ -242,7 +243,8 @@ class Slim(OptPass):
         if head_targets:
             order = {node: i for i, node in enumerate(model.graph)}
             targets = sorted(targets + head_targets, key=lambda t: order.get(t[0].down, 0))
-        if not targets:
+        blocks = channels.analyse(model.graph).blocks() if self.ratio > 0 else []
+        if not targets and not blocks:
             notes.insert(0, f"nothing to slim: {len(ffns)} FFN(s) found, none narrowed")
             return Outcome(model, False, notes, [], self.min_cosine)
         if not self.calib:
@@ -253,7 +255,12 @@ class Slim(OptPass):
             )
             warnings.warn(f"pass slim: {message}", stacklevel=2)
             notes.append(message)
-        rows = self._slim(model, targets, notes)
+        rows = self._slim(model, targets, notes) if targets else []
+        conv_rows = self._channels(model, notes) if blocks else []
+        if not rows and not conv_rows:
+            notes.insert(0, "nothing to slim: every layer keeps its width after rounding")
+            return Outcome(model, False, notes, [], self.min_cosine)
+        rows += conv_rows
         remove_unused(model)
         ffn_targets = [(f, k) for f, k in targets if isinstance(f, Ffn)]
         kinds = collections.Counter(f.kind for f, _ in ffn_targets)
@@ -272,13 +279,42 @@ class Slim(OptPass):
             summary.append(
                 f"removed {removed} of {total} attention heads in {len(head_targets)} layer(s)"
             )
+        if conv_rows:
+            removed = sum(r["units_before"] - r["units_after"] for r in conv_rows)
+            total = sum(r["units_before"] for r in conv_rows)
+            summary.append(
+                f"removed {removed} of {total} Conv channels in {len(conv_rows)} block(s)"
+            )
         notes.insert(0, "; ".join(summary))
         return Outcome(model, True, notes, rows, self.min_cosine)
+
+    def _channels(self, model: ir.Model, notes: list[str]) -> list[dict]:
+        """Conv output channels, block by block (see ``conv``)."""
+        plan = conv.Plan(
+            self.ratio,
+            self.multiple,
+            self.calib,
+            self.score_method,
+            self.refit_method,
+            self.ridge,
+            tuple(self._exclude),
+            conv.TARGET,
+        )
+        allocate = "sensitivity" if self.allocate in ("auto", "sensitivity") else "uniform"
+        rows, blocks, note = conv.slim_channels(model, plan, allocate)
+        if note:
+            notes.append(note)
+        if len(rows) < len(blocks):
+            notes.append(
+                f"{len(blocks) - len(rows)} of {len(blocks)} Conv channel block(s) keep their "
+                f"width after rounding to {self.multiple}"
+            )
+        return rows
 
     def _allocate(self, model: ir.Model, ffns: list[Ffn], notes: list[str]) -> list[int]:
         """The width each FFN keeps: the same share everywhere, or by measured sensitivity."""
         uniform = fit.allocate([f.width for f in ffns], self.ratio, self.multiple)
-        if self.allocate == "uniform" or self.ratio <= 0 or len(ffns) < 2:
+        if self.allocate != "sensitivity" or self.ratio <= 0 or len(ffns) < 2:
             return uniform
         if not self.calib:
             notes.append("allocate: sensitivity needs calib; every layer loses the same share")
