@@ -50,6 +50,11 @@ def _spec(calib: str, warn: bool = False, batch: int = BATCH) -> inputs.InputSpe
     return inputs.InputSpec(data=path, batch=batch, label="pass quant: calib={path}")
 
 
+def calibration_batches(model: ir.Model, calib: str) -> Iterator[dict[str, np.ndarray]]:
+    """The calibration data as feeds for ``model``, one batch at a time."""
+    return iter(_spec(calib).batches(model, []))
+
+
 def first_batch(model: ir.Model, calib: str, rows: int) -> dict[str, np.ndarray]:
     """The first ``rows`` samples of the calibration data, to check a quantized model against."""
     return next(iter(_spec(calib, batch=rows).batches(model, [])))

@@ -23,6 +23,10 @@ from onnxopt.passes.slim.channels import Block, Channels, analyse, cut, kept_pos
 
 ROWS_PER_SAMPLE = 1024  # im2col rows kept per calibration image and consumer (positions sampled)
 SEED = 0
+# The readers' refit damping (relative, towards the original weights). YOLOv8n, channels 0.15:
+# 1e-3 score_snr 13.06 dB, detF1 0.963; 0.1 (the FFN default) 12.28 dB, 0.963. A Conv reader has
+# 20k rows of calibration positions for at most 2305 unknowns; an FFN 2770 tokens for 1537.
+RIDGE = 1e-3
 TARGET = "original"  # what a refit reproduces: the original model's output, or the current
 
 

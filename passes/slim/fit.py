@@ -253,3 +253,36 @@ def patches(
     windows = windows[:, :, :: strides[0], :: strides[1]]
     b, c, h, w, kh, kw = windows.shape
     return windows.transpose(0, 2, 3, 1, 4, 5).reshape(b * h * w, c * kh * kw)
+
+
+def eliminate(stats: Stats, kept: int, ridge: float, size: int = 1) -> np.ndarray:
+    """The ``kept`` groups of ``size`` consecutive neurons (a neuron; an attention head's context
+    channels) left after removing, one group at a time, the one whose removal (the rest refit by
+    least squares) adds the least output error, tr(θ_Sᵀ [G⁻¹]_SS⁻¹ θ_S); the refit θ and G⁻¹
+    are updated in closed form after each removal (Optimal Brain Surgeon on whole rows, as
+    ZipLM). The bias column always stays. Returns the kept groups' indices."""
+    n = stats.gram.shape[0] - 1
+    groups = n // size
+    g = stats.gram.copy()
+    damp = ridge * float(np.trace(g[:n, :n])) / max(n, 1)
+    g[np.arange(n), np.arange(n)] += max(damp, 1e-12 * max(float(np.abs(g).max()), 1e-30))
+    inverse = np.linalg.inv(g)
+    theta = inverse @ stats.cross
+    alive = np.ones(groups, bool)
+    rows = np.arange(n).reshape(groups, size)
+    for _ in range(groups - kept):
+        blocks = inverse[rows[:, :, None], rows[:, None, :]]  # [groups, size, size]
+        blocks[~alive] = np.eye(size)
+        t = theta[rows]  # [groups, size, N]
+        cost = np.sum(t * np.linalg.solve(blocks, t), axis=(1, 2))
+        cost[~alive] = np.inf
+        j = rows[int(np.argmin(cost))]
+        pivot = inverse[np.ix_(j, j)]
+        columns = inverse[:, j].copy()
+        theta -= columns @ np.linalg.solve(pivot, theta[j])
+        inverse -= columns @ np.linalg.solve(pivot, columns.T)
+        alive[j[0] // size] = False
+        inverse[j, :] = 0.0
+        inverse[:, j] = 0.0
+        theta[j] = 0.0
+    return np.flatnonzero(alive)

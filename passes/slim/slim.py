@@ -1,11 +1,18 @@
 """slim: remove whole structural units and rebuild what follows them by least squares.
 
-This slice removes FFN neurons (see ``units``: an up-projection, an elementwise activation, a
-down-projection; gated FFNs and plain MatMul chains too). Each layer keeps the same share of its
-neurons (``ratio`` go), rounded to a multiple of ``multiple``; the neurons kept are the best by
-``score`` on calibration activations (FLAP's fluctuation by default), and the down-projection is
-refit by ridge regression (with its bias, so the mean shift of the dropped neurons is absorbed) to
-reproduce the whole layer's output.
+Units (``units``, ``heads``, ``channels``): FFN neurons (an up-projection, an elementwise
+activation, a down-projection; gated FFNs and plain MatMul chains too), attention heads (``heads``
+share of each layer's), and Conv output channels in dependency groups (see ``conv``).
+
+FFNs and heads: each layer keeps the same share of its units (``ratio`` go, rounded to a multiple
+of ``multiple``; ``allocate=sensitivity`` shares the cut by measured cost instead). With calib,
+units go one at a time, each time the one whose removal adds the least output error with the rest
+refit (``fit.eliminate``, Optimal Brain Surgeon on whole rows), and the projection after them is
+refit by least squares (``fit.refit_towards``: with its bias, so the mean shift of the dropped units
+is absorbed; damped towards the kept rows' original weights, not towards zero). Measured on
+MiniLM-L6, FFNs cut by 0.25 (sentence cosine / held-out / top-5): FLAP's score and a refit damped
+towards zero (1e-3) 0.9739 / 0.9666 / 0.823; obs with it 0.9767 / 0.9702 / 0.833; obs with the
+refit damped towards the weights (0.1) 0.9822 / 0.9785 / 0.845 (see RIDGE).
 
 Activations: with ``sequential`` (the default) layers are slimmed one after another in graph order,
 and each layer's statistics come from the model slimmed so far (its own activations, which already
@@ -13,32 +20,29 @@ carry the earlier layers' errors); the refit reproduces that layer's full-width 
 activations (L passes over the calibration data for L layers). Without it, one pass over the
 original model gives every layer's statistics. Fitting to the original model's layer output instead
 (to undo the earlier layers' errors too) measured worse on MiniLM-L6 at width 1024 (sentence cosine
-0.9588 vs 0.9623, top-5 0.773 vs 0.794; non-sequential 0.9622 / 0.788): with 2770 calibration
-tokens for 1025 coefficients per output it overfits. Without calib the pass is data-free: weight
-magnitudes, no refit.
+0.9588 vs 0.9623, top-5 0.773 vs 0.794; non-sequential 0.9622 / 0.788), and again with the refit
+damped towards the weights at 0.25 (0.9717 vs 0.9741): with 2770 calibration tokens for 1025
+coefficients per output it overfits. Conv readers see far more rows per unknown, and there the
+original's output is the better target (see ``conv``). Without calib the pass is data-free:
+weight magnitudes, no refit.
 
-Allocation (``allocate``): ``uniform`` (the default) gives every FFN the same share. With
-``sensitivity`` (needs calib), ``ratio`` is the share of all FFN MACs removed (equal layers: the same
-cut as uniform, without uniform's rounding overshoot), taken ``multiple`` neurons at a time from the
-layer whose cost grows least per MAC (a global priority queue, ``fit.allocate_by_cost``). A layer's
-cost at a width is its refit's residual on the calibration tokens of the original model, from the
-Gram matrices alone (8 probe widths, interpolated), over the energy of the residual stream its
-output joins; times a per-layer factor measured end to end once (halve that layer alone, refit, the
-outputs' relative error over the local residual: one calibration pass per layer; it ranges 2-12x on
-MiniLM-L6, the first layer highest). Measured on MiniLM-L6 (yardstick minilm.py, 6 FFNs of 1536;
-sensitivity vs uniform, cos_mean / top-5): ratio 0.2 0.9813 / 0.838 vs 0.9804 / 0.846; ratio 0.25
-0.9739 / 0.820 vs 0.9739 / 0.823 (without masking padding in the end-to-end error 0.9745 / 0.816;
-ratio 0.33 then 0.9639 / 0.783 vs 0.9623 / 0.794). Local residual alone (no end-to-end factor)
-0.9724 / 0.816, normalised by the layer's output instead of the stream 0.9713 / 0.810,
-cross-validated (2 folds) 0.963 / 0.748. Cosine a hair better, top-5 a hair worse: MiniLM's FFNs
-are about equally sensitive, so uniform stays the default.
+Allocation (``allocate``): ``auto`` (the default) is uniform for FFNs and heads, sensitivity for
+Conv channels. With ``sensitivity`` for FFNs (needs calib), ``ratio`` is the share of all FFN MACs
+removed, taken ``multiple`` neurons at a time from the layer whose cost grows least per MAC (a
+global priority queue, ``fit.allocate_by_cost``). A layer's cost at a width is its refit's residual
+on the calibration tokens of the original model, from the Gram matrices alone (8 probe widths,
+interpolated), over the energy of the residual stream its output joins; times a per-layer factor
+measured end to end once (halve that layer alone, refit, the outputs' relative error over the local
+residual: one calibration pass per layer; it ranges 2-12x on MiniLM-L6, the first layer highest).
+Measured on MiniLM-L6 with FLAP's score (sensitivity vs uniform, cos_mean / top-5): ratio 0.2
+0.9813 / 0.838 vs 0.9804 / 0.846; ratio 0.25 0.9739 / 0.820 vs 0.9739 / 0.823: MiniLM's FFNs are
+about equally sensitive, so uniform stays the FFN default.
 
-Attention heads (``heads``, see ``heads``): the same share of every attention layer's heads goes,
-ranked by the FLAP score summed over each head's dh context channels (the out-projection's input
-plays the FFN hidden activation's part); the out-projection is refit the same way, in the same
-graph-ordered sequence as the FFNs. On MiniLM-L6 (12 heads x 32), heads=0.25 alone: sentence cosine
-0.956 with the lsq refit vs 0.920 without; greedy elimination by the refit residual instead of the
-FLAP ranking measured 0.959 (mean) but a worse minimum (0.823 vs 0.871), so it is not used.
+Attention heads (``heads``): ranked and removed like FFN neurons, a head's dh context channels as
+one group (the out-projection's input plays the FFN hidden activation's part); the out-projection
+is refit the same way, in the same graph-ordered sequence as the FFNs. On MiniLM-L6 (12 heads x 32)
+heads cost more than neurons: FFNs at 0.25 with heads at 0.17 (2 of 12) 0.9637 / 0.792 against
+0.9822 / 0.845 without, for 1.257x against 1.179x in one run.
 """
 
 from __future__ import annotations
@@ -50,11 +54,13 @@ import warnings
 from typing import Any
 
 import numpy as np
+import onnx
 import onnx_ir as ir
 
+from onnxopt import compare
 from onnxopt.errors import UsageError
 from onnxopt.passbase import Column, Option, OptPass, Outcome
-from onnxopt.passes._calibrate import run_values
+from onnxopt.passes._calibrate import calibration_batches, run_values
 from onnxopt.passes._common import (
     add_initializer,
     constant,
@@ -68,10 +74,18 @@ from onnxopt.passes.slim.heads import Attention
 from onnxopt.passes.slim.units import Ffn, find
 
 AUTO = "auto"
-SCORES = (AUTO, "flap", "wanda", "magnitude")
+SCORES = (AUTO, "obs", "flap", "wanda", "magnitude")
 REFITS = (AUTO, "lsq", "bias", "none")
 ALLOCATIONS = (AUTO, "uniform", "sensitivity")
 DEFAULT_MIN_COSINE = 0.95
+MAX_RATIO = 0.9
+SHARES = ("ratio", "heads", "channels")  # what the min_cosine search scales together
+BUDGET_STEPS = 6  # bisection steps of the min_cosine search (the first at ratio's default)
+# Measured on MiniLM-L6, FFNs cut by 0.25 (obs, sequential; sentence cosine / held-out / top-5):
+# damped towards zero 1e-3 0.9767 / 0.9702 / 0.833; towards the original weights 1e-2 0.9804 /
+# 0.9752 / 0.836, 3e-2 0.9819 / 0.9775 / 0.843, 0.1 0.9822 / 0.9785 / 0.845, 0.3 0.9805 / 0.9774
+# / 0.836, 1.0 0.9766 / 0.9741 / 0.820.
+RIDGE = 0.1
 FOLDS = 1  # calibration folds for the sensitivity residual (1: in-sample)
 
 
@@ -97,7 +111,7 @@ class Slim(OptPass):
             0.25,
             "fraction of each FFN's neurons removed (before rounding to multiple)",
             low=0,
-            high=0.9,
+            high=MAX_RATIO,
         ),
         Option(
             "allocate",
@@ -119,6 +133,16 @@ class Slim(OptPass):
             high=0.9,
         ),
         Option(
+            "channels",
+            float,
+            0.15,
+            "Conv output channels: the share of the Conv blocks' MACs removed, taken where the "
+            "measured output error grows least (allocate=uniform: that share of each block's "
+            "channels); 0: Convs stay",
+            low=0,
+            high=MAX_RATIO,
+        ),
+        Option(
             "multiple",
             int,
             16,
@@ -129,25 +153,28 @@ class Slim(OptPass):
             "score",
             str,
             AUTO,
-            "neuron importance: flap (variance of the activation over calibration tokens times "
-            "||W2 row||²), wanda (mean |activation| times ||W2 row||), magnitude (data-free: "
-            "||W1 column||·||W2 row||); auto: flap with calib, magnitude without",
+            "which units go: obs (FFN neurons and heads: removed one at a time, each time the one "
+            "whose removal, the rest refit, adds the least output error on the calibration data: "
+            "Optimal Brain Surgeon on whole rows; Conv channels: flap), flap (variance of the "
+            "activation times ||W2 row||²), wanda (mean |activation| times ||W2 row||), magnitude "
+            "(data-free: ||W1 column||·||W2 row||); auto: obs with calib, magnitude without",
             choices=SCORES,
         ),
         Option(
             "refit",
             str,
             AUTO,
-            "the down-projection after removal: lsq (ridge least squares to the original output, "
-            "bias included), bias (drop rows, move their mean into the bias: FLAP), none (drop "
-            "rows); auto: lsq with calib, none without",
+            "the down-projection after removal: lsq (least squares to the full layer's output, "
+            "bias included, damped towards the kept rows' weights), bias (drop rows, move their "
+            "mean into the bias: FLAP), none (drop rows); auto: lsq with calib, none without",
             choices=REFITS,
         ),
         Option(
             "ridge",
             float,
-            1e-3,
-            "lsq damping, relative to the mean diagonal of the kept activations' Gram matrix",
+            RIDGE,
+            "lsq damping towards the original weights, relative to the mean diagonal of the kept "
+            "activations' Gram matrix",
             low=0,
         ),
         Option(
@@ -168,7 +195,9 @@ class Slim(OptPass):
             "min_cosine",
             float,
             DEFAULT_MIN_COSINE,
-            "fidelity budget: the least output cosine the check accepts",
+            "fidelity budget: the least output cosine the check accepts; given without ratio "
+            "(and with calib), the pass searches the largest ratio that holds it on the "
+            "calibration data",
             low=0,
             high=1,
         ),
@@ -201,7 +230,13 @@ class Slim(OptPass):
     def score_method(self) -> str:
         if self.score != AUTO:
             return self.score
-        return "flap" if self.calib else "magnitude"
+        return "obs" if self.calib else "magnitude"
+
+    @property
+    def ranking(self) -> str:
+        """The per-unit score where one is needed up front (allocation, Conv channels): obs
+        ranks by removing, so flap stands in for it."""
+        return "flap" if self.score_method == "obs" else self.score_method
 
     @property
     def refit_method(self) -> str:
@@ -220,9 +255,65 @@ class Slim(OptPass):
             found["attention layers (heads)"] = len(attentions)
         if refused:
             found["attention-like blocks refused"] = len(refused)
+        if any(n.op_type == "Conv" for n in model.graph):
+            copy = ir.serde.deserialize_model(ir.serde.serialize_model(model))  # inspect: as is
+            lift_constants(copy)
+            infer_shapes(copy)
+            blocks = channels.analyse(copy.graph).blocks()
+        else:
+            blocks = []
+        if blocks:
+            found["Conv channel blocks"] = len(blocks)
         return dict(found)
 
     def call(self, model: ir.Model) -> Outcome:
+        if "min_cosine" in self.given and not self.given & set(SHARES) and self.calib:
+            return self._within_budget(model)
+        return self._cut(model)
+
+    def _within_budget(self, model: ir.Model) -> Outcome:
+        """Slim with the shares (``SHARES``) scaled by the largest factor whose outputs hold
+        ``min_cosine`` on the calibration data as the run's check measures it: bisected over
+        BUDGET_STEPS slims of copies (the first at the defaults), then applied to ``model``."""
+        reference = ir.serde.serialize_model(model).SerializeToString()
+        samples = list(calibration_batches(model, self.calib))
+        given = {name: getattr(self, name) for name in self.given}
+        shares = {k: getattr(self, k) for k in SHARES if getattr(self, k) > 0}
+        if not shares:
+            return self._cut(model)
+
+        def scaled(f: float) -> Slim:
+            return type(self)(**{**given, **{k: min(MAX_RATIO, v * f) for k, v in shares.items()}})
+
+        low, high, best, tried = 0.0, MAX_RATIO / max(shares.values()), None, []
+        scale = 1.0
+        for _ in range(BUDGET_STEPS):
+            copy = ir.serde.deserialize_model(onnx.load_from_string(reference))
+            candidate = ir.serde.serialize_model(scaled(scale)._cut(copy).model)
+            results = compare.compare_models(reference, candidate.SerializeToString(), samples)
+            cosine = min(r.cosine for r in results)
+            tried.append(f"x{scale:.3g}: {cosine:.5f}")
+            if cosine >= self.min_cosine:
+                low, best = scale, (scale, cosine)
+            else:
+                high = scale
+            scale = (low + high) / 2
+        note = (
+            f"budget: min_cosine {self.min_cosine:g} on the calibration data; the shares ("
+            + ", ".join(f"{k} {v:g}" for k, v in shares.items())
+            + ") scaled: cosine "
+            + ", ".join(tried)
+        )
+        if best is None:
+            notes = [f"nothing slimmed: no scale tried holds the budget ({note})"]
+            return Outcome(model, False, notes, [], self.min_cosine)
+        scale, cosine = best
+        outcome = scaled(scale)._cut(model)
+        kept = ", ".join(f"{k} {min(MAX_RATIO, v * scale):.3g}" for k, v in shares.items())
+        outcome.notes.insert(1, f"{note}; kept x{scale:.3g}: {kept} (cosine {cosine:.5f})")
+        return outcome
+
+    def _cut(self, model: ir.Model) -> Outcome:
         lift_constants(model)
         infer_shapes(model)
         ffns, refused = find(model.graph)
@@ -243,7 +334,7 @@ class Slim(OptPass):
         if head_targets:
             order = {node: i for i, node in enumerate(model.graph)}
             targets = sorted(targets + head_targets, key=lambda t: order.get(t[0].down, 0))
-        blocks = channels.analyse(model.graph).blocks() if self.ratio > 0 else []
+        blocks = channels.analyse(model.graph).blocks() if self.channels > 0 else []
         if not targets and not blocks:
             notes.insert(0, f"nothing to slim: {len(ffns)} FFN(s) found, none narrowed")
             return Outcome(model, False, notes, [], self.min_cosine)
@@ -291,12 +382,12 @@ class Slim(OptPass):
     def _channels(self, model: ir.Model, notes: list[str]) -> list[dict]:
         """Conv output channels, block by block (see ``conv``)."""
         plan = conv.Plan(
-            self.ratio,
+            self.channels,
             self.multiple,
             self.calib,
-            self.score_method,
+            self.ranking,
             self.refit_method,
-            self.ridge,
+            self.ridge if "ridge" in self.given else conv.RIDGE,
             tuple(self._exclude),
             conv.TARGET,
         )
@@ -305,9 +396,14 @@ class Slim(OptPass):
         if note:
             notes.append(note)
         if len(rows) < len(blocks):
+            why = (
+                "where cutting costs the most output error per MAC"
+                if note
+                else f"after rounding to {self.multiple}"
+            )
             notes.append(
                 f"{len(blocks) - len(rows)} of {len(blocks)} Conv channel block(s) keep their "
-                f"width after rounding to {self.multiple}"
+                f"width ({why})"
             )
         return rows
 
@@ -327,7 +423,7 @@ class Slim(OptPass):
                 stats.merge(fold)
             w1s = [constant(up.weight) for up in ffn.ups]
             w2 = constant(ffn.down.inputs[1])
-            score = fit.scores(self.score_method, w1s, w2, stats)
+            score = fit.scores(self.ranking, w1s, w2, stats)
             scores.append((score, stats))
             costs.append(fit.sensitivity(folds, score, self.ridge, self.multiple))
             unit_macs.append(sum(w.shape[0] for w in w1s) + w2.shape[1])
@@ -371,7 +467,7 @@ class Slim(OptPass):
             if kept >= ffn.width or local < 1e-9 or len(twin) != 1:
                 factors.append(1.0)
                 continue
-            w2, b2 = fit.refit(stats, keep, self.ridge)
+            w2, b2 = fit.refit_towards(stats, keep, constant(ffn.down.inputs[1])[keep], self.ridge)
             rewrite(twin[0], keep, w2.astype(np.float32), b2.astype(np.float32))
             outs = [v for v in copy.graph.outputs if v.name in reference[0]]
             moved = energy = 0.0
@@ -443,11 +539,13 @@ class Slim(OptPass):
         w2 = constant(ffn.down.inputs[1])
         b2_value = ffn.down_bias_value
         b2 = np.zeros(w2.shape[1], np.float32) if b2_value is None else constant(b2_value)
-        score = fit.scores(method, w1s, w2, stats)
-        keep = fit.choose(score, kept)
+        if method == "obs":
+            keep = fit.eliminate(stats, kept, self.ridge)
+        else:
+            keep = fit.choose(fit.scores(method, w1s, w2, stats), kept)
         output = ffn.output.name  # before a bias Add takes it over
         if refit == "lsq":
-            new_w2, new_b2 = fit.refit(stats, keep, self.ridge)
+            new_w2, new_b2 = fit.refit_towards(stats, keep, w2[keep], self.ridge)
         else:
             new_w2, new_b2 = fit.drop(w2, b2.reshape(-1), keep, stats, refit == "bias")
         rewrite(ffn, keep, new_w2.astype(np.float32), new_b2.astype(np.float32))
@@ -471,13 +569,16 @@ class Slim(OptPass):
         wo = constant(att.down.inputs[1])
         bias = att.down_bias_value
         bo = np.zeros(wo.shape[1], np.float32) if bias is None else constant(bias)
-        score = fit.scores(method, [constant(att.v.weight)], wo, stats)
-        keep_heads = fit.choose(heads.head_scores(score, att.head_dim), kept)
+        if method == "obs":
+            keep_heads = fit.eliminate(stats, kept, self.ridge, att.head_dim)
+        else:
+            score = fit.scores(method, [constant(att.v.weight)], wo, stats)
+            keep_heads = fit.choose(heads.head_scores(score, att.head_dim), kept)
         keep = heads.channels(keep_heads, att.head_dim)
         output = att.output.name
         k_in = constant(att.q.weight).shape[0]
         if refit == "lsq":
-            new_wo, new_bo = fit.refit(stats, keep, self.ridge)
+            new_wo, new_bo = fit.refit_towards(stats, keep, wo[keep], self.ridge)
         else:
             new_wo, new_bo = fit.drop(wo, bo.reshape(-1), keep, stats, refit == "bias")
         heads.rewrite(att, keep_heads, new_wo.astype(np.float32), new_bo.astype(np.float32))
@@ -528,7 +629,11 @@ def _stream(ffn: Ffn) -> ir.Value | None:
 
 
 def gather(
-    model: ir.Model, ffns: list[Ffn], calib: str, folds: int = 0, stream: bool = False
+    model: ir.Model,
+    ffns: list[Ffn],
+    calib: str,
+    folds: int = 0,
+    stream: bool = False,
 ) -> tuple[list, bool]:
     """The calibration statistics of ``ffns`` (FFNs of ``model``, still whole): their activations
     and outputs, one run per batch; and whether padding tokens were masked out. With ``folds``,

