@@ -300,8 +300,8 @@ def sensitivity(
     width of ``fit.levels`` in between. And each block's MACs per channel."""
     reference = run_outputs(model, plan.calib)
     costs, unit = [], []
-    for block in blocks:
-        ready = prepare(model, block.signature, plan)
+    for ready in prepare_all(model, blocks, plan):
+        block = ready.block
         unit.append(channel_macs(ready.found, ready.block, positions))
         probes = sorted({fit.kept_width(block.width, r, plan.multiple) for r in PROBES})
         measured = {block.width: 0.0}
@@ -318,6 +318,39 @@ def sensitivity(
 
 
 PROBES = (0.25, 0.5)  # the cuts each block is measured at alone
+GRAM_BYTES = 512 << 20  # the most memory the Gram matrices of one calibration pass may take
+
+
+def prepare_all(model: ir.Model, blocks: list[Block], plan: Plan) -> list[Prepared]:
+    """``prepare`` for each of ``blocks`` of the model as it is, their readers' statistics
+    gathered together (one calibration pass per GRAM_BYTES of Gram matrices, not one per block)."""
+    found = analyse(model.graph)
+    now = {b.signature: b for b in found.blocks()}
+    readers = {}
+    for block in blocks:
+        members = set(block.classes)
+        readers[block.signature] = [
+            n for n in found.consumers if members & set(found.roots(n.inputs[0]))
+        ]
+    everyone = list(dict.fromkeys(n for nodes in readers.values() for n in nodes))
+    stats: dict[ir.Node, fit.Stats] = {}
+    chunk, size = [], 0
+    for node in everyone + [None]:
+        width = 0 if node is None else flat(node)[0].shape[0] + 1
+        if chunk and (node is None or size + 8 * width * width > GRAM_BYTES):
+            stats.update(gather(model, chunk, plan.calib))
+            chunk, size = [], 0
+        if node is not None:
+            chunk.append(node)
+            size += 8 * width * width
+    prepared = []
+    for block in blocks:
+        mine = now[block.signature]
+        nodes = readers[block.signature]
+        own = {n: stats[n] for n in nodes if n in stats}
+        score = class_scores(found, mine, own, plan.score)
+        prepared.append(Prepared(found, mine, nodes, own, score))
+    return prepared
 
 
 def prepare_like(copy: ir.Model, ready: Prepared) -> Prepared:
