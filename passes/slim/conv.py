@@ -4,7 +4,7 @@ score, refit every consumer on its kept input channels by least squares and cut.
 
 Sequential (the default, as for FFNs): each block's statistics come from the model slimmed so far,
 and a consumer is refit to reproduce its own full-width output on those activations. The refit is
-damped towards the consumer's original weights (``fit.refit_towards``): the deepest 3x3 Convs of a
+damped towards the consumer's original weights (``fit.refit`` with a prior): the deepest 3x3 Convs of a
 detector have more unknowns per output than calibration positions.
 """
 
@@ -166,7 +166,7 @@ def refits(
         columns = (keep[:, None] * k + np.arange(k)).reshape(-1)
         w, b = flat(node)
         if plan.refit == "lsq" and geometry(node) is not None:
-            new_w, new_b = fit.refit_towards(s, columns, w[columns], plan.ridge)
+            new_w, new_b = fit.refit(s, columns, plan.ridge, w[columns])
         else:
             new_w, new_b = fit.drop(w, b, columns, s, plan.refit == "bias")
         shape = constant(node.inputs[1]).shape

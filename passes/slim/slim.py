@@ -8,7 +8,7 @@ FFNs and heads: each layer keeps the same share of its units (``ratio`` go, roun
 of ``multiple``; ``allocate=sensitivity`` shares the cut by measured cost instead). With calib,
 units go one at a time, each time the one whose removal adds the least output error with the rest
 refit (``fit.eliminate``, Optimal Brain Surgeon on whole rows), and the projection after them is
-refit by least squares (``fit.refit_towards``: with its bias, so the mean shift of the dropped units
+refit by least squares (``fit.refit`` with a prior: with its bias, so the mean shift of the dropped units
 is absorbed; damped towards the kept rows' original weights, not towards zero). Measured on
 MiniLM-L6, FFNs cut by 0.25 (sentence cosine / held-out / top-5): FLAP's score and a refit damped
 towards zero (1e-3) 0.9739 / 0.9666 / 0.823; obs with it 0.9767 / 0.9702 / 0.833; obs with the
@@ -470,7 +470,7 @@ class Slim(OptPass):
             if kept >= ffn.width or local < 1e-9 or len(twin) != 1:
                 factors.append(1.0)
                 continue
-            w2, b2 = fit.refit_towards(stats, keep, constant(ffn.down.inputs[1])[keep], self.ridge)
+            w2, b2 = fit.refit(stats, keep, self.ridge, constant(ffn.down.inputs[1])[keep])
             rewrite(twin[0], keep, w2.astype(np.float32), b2.astype(np.float32))
             outs = [v for v in copy.graph.outputs if v.name in reference[0]]
             moved = energy = 0.0
@@ -548,7 +548,7 @@ class Slim(OptPass):
             keep = fit.choose(fit.scores(method, w1s, w2, stats), kept)
         output = ffn.output.name  # before a bias Add takes it over
         if refit == "lsq":
-            new_w2, new_b2 = fit.refit_towards(stats, keep, w2[keep], self.ridge)
+            new_w2, new_b2 = fit.refit(stats, keep, self.ridge, w2[keep])
         else:
             new_w2, new_b2 = fit.drop(w2, b2.reshape(-1), keep, stats, refit == "bias")
         rewrite(ffn, keep, new_w2.astype(np.float32), new_b2.astype(np.float32))
@@ -581,7 +581,7 @@ class Slim(OptPass):
         output = att.output.name
         k_in = constant(att.q.weight).shape[0]
         if refit == "lsq":
-            new_wo, new_bo = fit.refit_towards(stats, keep, wo[keep], self.ridge)
+            new_wo, new_bo = fit.refit(stats, keep, self.ridge, wo[keep])
         else:
             new_wo, new_bo = fit.drop(wo, bo.reshape(-1), keep, stats, refit == "bias")
         heads.rewrite(att, keep_heads, new_wo.astype(np.float32), new_bo.astype(np.float32))
