@@ -18,10 +18,11 @@ RANDOM_SAMPLES = 8
 
 
 def run_values(
-    model: ir.Model, values: list[ir.Value], calib: str
+    model: ir.Model, values: list[ir.Value], calib: str, who: str = "quant"
 ) -> Iterator[dict[str, np.ndarray]]:
-    """For each batch of the calibration data, the float ``values`` (and the inputs) by name."""
-    spec = _spec(calib, warn=True)
+    """For each batch of the calibration data, the float ``values`` (and the inputs) by name
+    (``who``: the pass that asks, for its messages)."""
+    spec = _spec(calib, warn=True, who=who)
     sess = compare.model_session(
         model, [v.name for v in values if v.name and v.dtype == ir.DataType.FLOAT]
     )
@@ -32,27 +33,31 @@ def run_values(
         runs += 1
         yield results
     if not runs:
-        raise UsageError(f"pass quant: calib {calib} holds no samples for this model's inputs")
+        raise UsageError(f"pass {who}: calib {calib} holds no samples for this model's inputs")
 
 
-def _spec(calib: str, warn: bool = False, batch: int = BATCH) -> inputs.InputSpec:
+def _spec(
+    calib: str, warn: bool = False, batch: int = BATCH, who: str = "quant"
+) -> inputs.InputSpec:
     if calib == "random":
         if warn:
             warnings.warn(
-                "pass quant: calibrating on random inputs (calib=random): the ranges will not match real data; "
+                f"pass {who}: calibrating on random inputs (calib=random): the ranges will not match real data; "
                 "pass calib=PATH with real samples for a model you will ship",
                 stacklevel=3,
             )
         return inputs.InputSpec(samples=RANDOM_SAMPLES)
     path = Path(calib)
     if not path.exists():
-        raise UsageError(f"pass quant: calib {calib} does not exist")
-    return inputs.InputSpec(data=path, batch=batch, label="pass quant: calib={path}")
+        raise UsageError(f"pass {who}: calib {calib} does not exist")
+    return inputs.InputSpec(data=path, batch=batch, label=f"pass {who}: calib={{path}}")
 
 
-def calibration_batches(model: ir.Model, calib: str) -> Iterator[dict[str, np.ndarray]]:
+def calibration_batches(
+    model: ir.Model, calib: str, who: str = "quant"
+) -> Iterator[dict[str, np.ndarray]]:
     """The calibration data as feeds for ``model``, one batch at a time."""
-    return iter(_spec(calib).batches(model, []))
+    return iter(_spec(calib, who=who).batches(model, []))
 
 
 def first_batch(model: ir.Model, calib: str, rows: int) -> dict[str, np.ndarray]:

@@ -96,19 +96,22 @@ class Channels:
     splits: list[ir.Node]
     pinned: set[int]
     source: dict[int, tuple[ir.Node, int]]  # fresh slot -> (producer, output channel)
+    known: dict[ir.Value, list[int]] = dataclasses.field(default_factory=dict)  # roots, cached
 
     def roots(self, value: ir.Value) -> list[int]:
-        return [self.classes.find(s) for s in self.slots[value]]
+        """The class of each channel of ``value`` (the classes are final once analysed)."""
+        if value not in self.known:
+            self.known[value] = [self.classes.find(s) for s in self.slots[value]]
+        return self.known[value]
 
     def blocks(self) -> list[Block]:
         """Unpinned classes grouped by the values they occupy, in graph order."""
         pinned = {self.classes.find(s) for s in self.pinned}
-        where: dict[int, list[str]] = {}
-        for value, slots in self.slots.items():
-            for s in slots:
-                r = self.classes.find(s)
-                if r not in pinned and value.name not in where.setdefault(r, []):
-                    where[r].append(value.name)
+        where: dict[int, set[str]] = {}
+        for value in self.slots:
+            for r in self.roots(value):
+                if r not in pinned:
+                    where.setdefault(r, set()).add(value.name)
         grouped: dict[tuple[str, ...], list[int]] = {}
         for root in sorted(where):
             grouped.setdefault(tuple(sorted(where[root])), []).append(root)

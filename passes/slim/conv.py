@@ -93,7 +93,7 @@ def gather(
     for node in consumers:
         w, _ = flat(node)
         stats[node] = fit.Stats(w.shape[0], w.shape[1])
-    runs = run_values(model, [n.inputs[0] for n in consumers], calib)
+    runs = run_values(model, [n.inputs[0] for n in consumers], calib, who="slim")
     targets = _original_outputs(reference, consumers, calib)
     for results, originals in zip(runs, targets):
         for node in consumers:
@@ -119,7 +119,9 @@ def _original_outputs(reference: Reference | None, consumers: list[ir.Node], cal
         while True:
             yield None
     values = {v.name: v for n in reference.model.graph for v in n.outputs}
-    yield from run_values(reference.model, [values[n.outputs[0].name] for n in consumers], calib)
+    yield from run_values(
+        reference.model, [values[n.outputs[0].name] for n in consumers], calib, who="slim"
+    )
 
 
 def taps(node: ir.Node) -> int:
@@ -289,7 +291,7 @@ def _outputs(model: ir.Model) -> list[ir.Value]:
 
 def run_outputs(model: ir.Model, calib: str) -> list[dict]:
     outs = _outputs(model)
-    return [{v.name: r[v.name] for v in outs} for r in run_values(model, outs, calib)]
+    return [{v.name: r[v.name] for v in outs} for r in run_values(model, outs, calib, who="slim")]
 
 
 def sensitivity(

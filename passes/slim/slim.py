@@ -282,7 +282,7 @@ class Slim(OptPass):
         ``min_cosine`` on the calibration data as the run's check measures it: bisected over
         BUDGET_STEPS slims of copies (the first at the defaults), then applied to ``model``."""
         reference = ir.serde.serialize_model(model).SerializeToString()
-        samples = list(calibration_batches(model, self.calib))
+        samples = list(calibration_batches(model, self.calib, "slim"))
         given = {name: getattr(self, name) for name in self.given}
         shares = {k: getattr(self, k) for k in SHARES if getattr(self, k) > 0}
         if not shares:
@@ -461,7 +461,8 @@ class Slim(OptPass):
         if not outputs:
             return [1.0] * len(ffns)
         reference = [
-            {v.name: r[v.name] for v in outputs} for r in run_values(model, outputs, self.calib)
+            {v.name: r[v.name] for v in outputs}
+            for r in run_values(model, outputs, self.calib, who="slim")
         ]
         factors = []
         for ffn, (score, stats) in zip(ffns, scores):
@@ -477,7 +478,7 @@ class Slim(OptPass):
             rewrite(twin[0], keep, w2.astype(np.float32), b2.astype(np.float32))
             outs = [v for v in copy.graph.outputs if v.name in reference[0]]
             moved = energy = 0.0
-            for ref, got in zip(reference, run_values(copy, outs, self.calib)):
+            for ref, got in zip(reference, run_values(copy, outs, self.calib, who="slim")):
                 for name, r in ref.items():
                     mask = _token_mask(got, r.shape)  # padding tokens do not count
                     r = _tokens(r, mask).astype(np.float64)
@@ -653,7 +654,7 @@ def gather(
     streams = [_stream(f) if stream else None for f in ffns]
     values += [v for v in streams if v is not None]
     masked = False
-    for batch, results in enumerate(run_values(model, values, calib)):
+    for batch, results in enumerate(run_values(model, values, calib, who="slim")):
         for ffn, ffn_stats, z in zip(ffns, stats, streams):
             s = ffn_stats[batch % parts]
             h = results[ffn.hidden.name]

@@ -181,3 +181,9 @@ def test_patches_reproduce_the_conv():
     rows = fit.patches(x, (3, 2), (2, 1), (1, 0, 1, 1))
     got = (rows @ w.reshape(5, -1).T).reshape(2, y.shape[2], y.shape[3], 5).transpose(0, 3, 1, 2)
     np.testing.assert_allclose(got, y, rtol=1e-4, atol=1e-4)
+
+
+def test_random_calibration_warns_in_slims_name():
+    model = ir.serde.deserialize_model(conv_model())
+    with pytest.warns(UserWarning, match="pass slim: calibrating on random inputs"):
+        Slim(calib="random", channels=0.5, multiple=4, allocate="uniform")(model)
