@@ -488,3 +488,14 @@ def test_min_cosine_searches_the_largest_ratio(calib):
         cos = np.sum(ref * got, 1) / np.linalg.norm(ref, axis=1) / np.linalg.norm(got, axis=1)
         assert cos.mean() > budget - 0.02  # held on calibration data, near it on fresh samples
     assert "kept x" in note
+
+
+def test_heads_go_where_they_cost_least():
+    from types import SimpleNamespace
+
+    from onnxopt.passes.slim.slim import allocate_heads
+
+    layers = [(SimpleNamespace(heads=12), 9), (SimpleNamespace(heads=12), 9)]
+    assert allocate_heads(layers, [1.0, 100.0]) == [6, 12]  # all six from the cheap layer
+    assert allocate_heads(layers, [1.0, 1.0]) == [9, 9]  # equal costs: the uniform shares
+    assert allocate_heads(layers, [1.0, 4.0]) == [7, 11]  # steps 1, 3, 5, 7, 9 vs 4, 12, ...
