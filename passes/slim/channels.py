@@ -3,12 +3,13 @@ DepGraph finds them on PyTorch modules).
 
 Every output channel of a Conv with a constant weight and ``group`` 1 (a *producer*) gets a slot.
 Slots flow with the channel axis (axis 1) through the ops that keep channels apart: elementwise
-activations, Sigmoid-Mul SiLU, pooling, nearest Resize, depthwise Convs (channel c in, channel c
-out), Concat and Split along the channels. A binary elementwise op ties channel c of one input to
-channel c of the other (a residual Add): their slots join one *class*, removed together or not at
-all. A class is *pinned* (never removed) when it reaches anything else: a graph output, a Reshape,
-a Transpose, a Shape, a constant that is not a scalar, a Conv with groups. Where a class ends in a
-plain Conv (a *consumer*), its input channel goes, and the consumer's weight is refit.
+activations, Sigmoid-Mul SiLU, inference BatchNormalization, pooling, nearest Resize, depthwise
+Convs (channel c in, channel c out), Concat and Split along the channels. A binary elementwise op
+ties channel c of one input to channel c of the other (a residual Add): their slots join one
+*class*, removed together or not at all. A class is *pinned* (never removed) when it reaches
+anything else: a graph output, a Reshape, a Transpose, a Shape, a constant that is not a scalar, a
+Conv with groups. Where a class ends in a plain Conv (a *consumer*), its input channel goes, and
+the consumer's weight is refit.
 
 Classes that occupy the same tensors form a *block* (a Conv's output channels; the two halves of a
 Split; a residual chain); blocks are cut each to a share of its width, rounded to a multiple.
@@ -94,6 +95,7 @@ class Channels:
     depthwise: list[ir.Node]
     consumers: list[ir.Node]
     splits: list[ir.Node]
+    norms: list[ir.Node]  # BatchNormalizations their channels pass through
     pinned: set[int]
     source: dict[int, tuple[ir.Node, int]]  # fresh slot -> (producer, output channel)
     known: dict[ir.Value, list[int]] = dataclasses.field(default_factory=dict)  # roots, cached
@@ -138,7 +140,7 @@ def analyse(graph: ir.Graph) -> Channels:
     uf = _UnionFind()
     slots: dict[ir.Value, list[int]] = {}
     accepted: set[tuple[int, int]] = set()  # (id(node), input index) that carry slots
-    found = Channels(graph, slots, uf, [], [], [], [], set(), {})
+    found = Channels(graph, slots, uf, [], [], [], [], [], set(), {})
 
     def take(node: ir.Node, *indices: int) -> None:
         accepted.update((id(node), i) for i in indices)
@@ -169,6 +171,10 @@ def analyse(graph: ir.Graph) -> Channels:
             if _pass_through(node):
                 take(node, 0)
                 slots[node.outputs[0]] = list(slots[inputs[0]])
+        elif node.op_type == "BatchNormalization" and _frozen_norm(node):
+            take(node, 0)
+            found.norms.append(node)
+            slots[node.outputs[0]] = list(slots[inputs[0]])
         elif node.op_type == "Resize" and _resize_keeps_channels(node):
             take(node, 0)
             slots[node.outputs[0]] = list(slots[inputs[0]])
@@ -200,6 +206,18 @@ def _pass_through(node: ir.Node) -> bool:
         return False
     extra = [v for v in node.inputs[1:] if v is not None]
     return all(constant(v) is not None and constant(v).size == 1 for v in extra)
+
+
+def _frozen_norm(node: ir.Node) -> bool:
+    """An inference BatchNormalization (constant scale, bias, mean and variance; one output):
+    channel c out depends on channel c in alone."""
+    params = node.inputs[1:5]
+    return (
+        len(params) == 4
+        and all(constant(v) is not None and constant(v).ndim == 1 for v in params)
+        and not any(out.uses() for out in node.outputs[1:])
+        and node.attributes.get_int("training_mode", 0) == 0
+    )
 
 
 def _resize_keeps_channels(node: ir.Node) -> bool:
@@ -300,6 +318,11 @@ def cut(found: Channels, drop: set[int], refits: dict[ir.Node, tuple[np.ndarray,
             replace_input(node, 1, w.astype(np.float32))
             if b is not None:
                 _set_bias(node, b.astype(np.float32))
+    for node in found.norms:
+        keep = kept_positions(found, node.outputs[0], drop)
+        if len(keep) < len(found.slots[node.outputs[0]]):
+            for i in range(1, 5):
+                replace_input(node, i, constant(node.inputs[i])[keep])
     for node in found.splits:
         roots = found.roots(node.inputs[0])
         sizes, at = [], 0

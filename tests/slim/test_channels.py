@@ -187,3 +187,44 @@ def test_random_calibration_warns_in_slims_name():
     model = ir.serde.deserialize_model(conv_model())
     with pytest.warns(UserWarning, match="pass slim: calibrating on random inputs"):
         Slim(calib="random", channels=0.5, multiple=4, allocate="uniform")(model)
+
+
+def bn_model(seed=0):
+    """x -> Conv 3x3 to 16 -> BatchNormalization -> Relu -> Conv 1x1 to 6 (the output)."""
+    rng = np.random.default_rng(seed)
+    init = {
+        "w1": (rng.standard_normal((16, C_IN, 3, 3)) / 6).astype(np.float32),
+        "scale": rng.uniform(0.5, 1.5, 16).astype(np.float32),
+        "bias": (0.1 * rng.standard_normal(16)).astype(np.float32),
+        "mean": (0.1 * rng.standard_normal(16)).astype(np.float32),
+        "var": rng.uniform(0.5, 1.5, 16).astype(np.float32),
+        "w2": (rng.standard_normal((6, 16, 1, 1)) / 4).astype(np.float32),
+    }
+    nodes = [
+        helper.make_node("Conv", ["x", "w1"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+        helper.make_node(
+            "BatchNormalization", ["c", "scale", "bias", "mean", "var"], ["n"], name="bn"
+        ),
+        helper.make_node("Relu", ["n"], ["r"]),
+        helper.make_node("Conv", ["r", "w2"], ["out"], name="head"),
+    ]
+    return make_model(
+        nodes,
+        [("x", F, ["batch", C_IN, SIDE, SIDE])],
+        [("out", F, ["batch", 6, SIDE, SIDE])],
+        init,
+        18,
+    )
+
+
+def test_batch_normalization_carries_its_channels(calib):
+    proto = bn_model()
+    assert blocks_of(proto) == {"conv": 16}
+    model, result = slim(proto, calib=calib, channels=0.5)
+    assert weight(model, "conv").shape == (8, C_IN, 3, 3)
+    bn = next(n for n in model.graph if n.op_type == "BatchNormalization")
+    assert all(v.const_value.shape == (8,) for v in bn.inputs[1:])
+    assert weight(model, "head").shape == (6, 8, 1, 1)
+    x = images(8, 2)
+    assert run_proto(model, {"x": x})["out"].shape == (8, 6, SIDE, SIDE)
+    assert relative_error(proto, model, x) < 0.5
