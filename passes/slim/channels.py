@@ -88,7 +88,6 @@ class Block:
 class Channels:
     """The slots of every value along the channel axis, and the readers that carry them."""
 
-    graph: ir.Graph
     slots: dict[ir.Value, list[int]]
     classes: _UnionFind
     producers: list[ir.Node]
@@ -140,7 +139,7 @@ def analyse(graph: ir.Graph) -> Channels:
     uf = _UnionFind()
     slots: dict[ir.Value, list[int]] = {}
     accepted: set[tuple[int, int]] = set()  # (id(node), input index) that carry slots
-    found = Channels(graph, slots, uf, [], [], [], [], [], set(), {})
+    found = Channels(slots, uf, [], [], [], [], [], set(), {})
 
     def take(node: ir.Node, *indices: int) -> None:
         accepted.update((id(node), i) for i in indices)

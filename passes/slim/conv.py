@@ -2,10 +2,13 @@
 consumer Convs see on calibration data (im2col rows of their inputs), keep the best channels by
 score, refit every consumer on its kept input channels by least squares and cut.
 
-Sequential (the default, as for FFNs): each block's statistics come from the model slimmed so far,
-and a consumer is refit to reproduce its own full-width output on those activations. The refit is
-damped towards the consumer's original weights (``fit.refit`` with a prior): the deepest 3x3 Convs of a
-detector have more unknowns per output than calibration positions.
+Blocks are cut one after another: each block's statistics come from the model slimmed so far, and
+a consumer is refit to reproduce the original model's output at the same positions, so that each
+refit also undoes the error earlier cuts left in its input (YOLOv8n, a uniform 0.15: score_snr
+9.56 dB, detF1 0.926, against 3.46 dB, 0.889 when it reproduces its own full-width output on the
+slimmed activations). The refit is damped towards the consumer's original weights (``fit.refit``
+with a prior): the deepest 3x3 Convs of a detector have more unknowns per output than calibration
+positions.
 """
 
 from __future__ import annotations
@@ -27,7 +30,6 @@ SEED = 0
 # 1e-3 score_snr 13.06 dB, detF1 0.963; 0.1 (the FFN default) 12.28 dB, 0.963. A Conv reader has
 # 20k rows of calibration positions for at most 2305 unknowns; an FFN 2770 tokens for 1537.
 RIDGE = 1e-3
-TARGET = "original"  # what a refit reproduces: the original model's output, or the current
 
 
 @dataclasses.dataclass
@@ -41,7 +43,6 @@ class Plan:
     refit: str  # lsq, bias, none
     ridge: float
     exclude: tuple = ()  # compiled patterns, full match on a block's name
-    target: str = TARGET
 
 
 def geometry(node: ir.Node) -> tuple | None:
@@ -88,22 +89,20 @@ def gather(
     original model's output at the same positions (so that each refit also undoes the error the
     earlier cuts left in its input)."""
     rng = np.random.default_rng(SEED)
-    consumers = [n for n in consumers if geometry(n) is not None]
-    stats = {}
-    for node in consumers:
-        w, _ = flat(node)
-        stats[node] = fit.Stats(w.shape[0], w.shape[1])
+    shapes = {n: geometry(n) for n in consumers}
+    consumers = [n for n in consumers if shapes[n] is not None]
+    weights = {n: flat(n) for n in consumers}
+    stats = {n: fit.Stats(*weights[n][0].shape) for n in consumers}
     runs = run_values(model, [n.inputs[0] for n in consumers], calib, who="slim")
     targets = _original_outputs(reference, consumers, calib)
     for results, originals in zip(runs, targets):
         for node in consumers:
             x = results[node.inputs[0].name]
-            rows = fit.patches(x, *geometry(node))
-            pick = np.arange(len(rows))
-            most = ROWS_PER_SAMPLE * len(x)
-            if len(rows) > most:
-                pick = np.sort(rng.choice(len(rows), most, replace=False))
-            w, b = flat(node)
+            rows = fit.patches(x, *shapes[node])
+            pick = slice(None)
+            if len(rows) > ROWS_PER_SAMPLE * len(x):
+                pick = np.sort(rng.choice(len(rows), ROWS_PER_SAMPLE * len(x), replace=False))
+            w, b = weights[node]
             if originals is None:
                 y = rows[pick] @ w + b
             else:
@@ -167,7 +166,7 @@ def refits(
         k = taps(node)
         columns = (keep[:, None] * k + np.arange(k)).reshape(-1)
         w, b = flat(node)
-        if plan.refit == "lsq" and geometry(node) is not None:
+        if plan.refit == "lsq":
             new_w, new_b = fit.refit(s, columns, plan.ridge, w[columns])
         else:
             new_w, new_b = fit.drop(w, b, columns, s, plan.refit == "bias")
@@ -285,12 +284,12 @@ def output_error(reference: list[dict], got: list[dict]) -> float:
     return total
 
 
-def _outputs(model: ir.Model) -> list[ir.Value]:
+def float_outputs(model: ir.Model) -> list[ir.Value]:
     return [v for v in model.graph.outputs if v.dtype == ir.DataType.FLOAT]
 
 
 def run_outputs(model: ir.Model, calib: str) -> list[dict]:
-    outs = _outputs(model)
+    outs = float_outputs(model)
     return [{v.name: r[v.name] for v in outs} for r in run_values(model, outs, calib, who="slim")]
 
 
@@ -309,7 +308,7 @@ def sensitivity(
         measured = {block.width: 0.0}
         for kept in probes:
             if kept < block.width:
-                copy = _copy(model)
+                copy = model.clone()
                 apply(prepare_like(copy, ready), kept, plan, positions)
                 measured[kept] = output_error(reference, run_outputs(copy, plan.calib))
         widths = sorted(measured)
@@ -365,10 +364,6 @@ def prepare_like(copy: ir.Model, ready: Prepared) -> Prepared:
     return Prepared(found, block, readers, stats, ready.score)
 
 
-def _copy(model: ir.Model) -> ir.Model:
-    return ir.serde.deserialize_model(ir.serde.serialize_model(model))
-
-
 def slim_channels(
     model: ir.Model, plan: Plan, allocate: str
 ) -> tuple[list[dict], list[Block], str | None]:
@@ -393,7 +388,7 @@ def slim_channels(
     else:
         widths = [fit.kept_width(b.width, plan.ratio, plan.multiple) for b in blocks]
     rows = []
-    reference = Reference(_copy(model)) if plan.target == "original" else None
+    reference = Reference(model.clone())
     for block, kept in zip(blocks, widths):
         if kept < block.width:
             ready = prepare(model, block.signature, plan, reference)

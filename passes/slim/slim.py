@@ -274,7 +274,7 @@ class Slim(OptPass):
         if refused:
             found["attention-like blocks refused"] = len(refused)
         if any(n.op_type == "Conv" for n in model.graph):
-            copy = ir.serde.deserialize_model(ir.serde.serialize_model(model))  # inspect: as is
+            copy = model.clone()  # inspect: as is
             lift_constants(copy)
             infer_shapes(copy)
             blocks = channels.analyse(copy.graph).blocks()
@@ -407,7 +407,6 @@ class Slim(OptPass):
             self.refit_method,
             self.ridge if "ridge" in self.given else conv.RIDGE,
             tuple(self._exclude),
-            conv.TARGET,
         )
         allocate = "sensitivity" if self.allocate in ("auto", "sensitivity") else "uniform"
         rows, blocks, note = conv.slim_channels(model, plan, allocate)
@@ -473,7 +472,7 @@ class Slim(OptPass):
             kept = fit.kept_width(ffn.width, 0.5, self.multiple)
             keep = fit.choose(score, kept)
             local = fit.residual([stats], keep, self.ridge)
-            copy = ir.serde.deserialize_model(ir.serde.serialize_model(model))
+            copy = model.clone()
             twin = [f for f in find(copy.graph)[0] if f.name == ffn.name]
             if kept >= ffn.width or local < 1e-9 or len(twin) != 1:
                 factors.append(1.0)
@@ -485,15 +484,7 @@ class Slim(OptPass):
 
     def _reference(self, model: ir.Model) -> list[dict] | None:
         """The float outputs of ``model`` on the calibration data, batch by batch (None if none)."""
-        outputs = [
-            v
-            for v in model.graph.outputs
-            if v.dtype == ir.DataType.FLOAT and v.shape is not None and len(v.shape) >= 1
-        ]
-        if not outputs:
-            return None
-        runs = run_values(model, outputs, self.calib, who="slim")
-        return [{v.name: r[v.name] for v in outputs} for r in runs]
+        return conv.run_outputs(model, self.calib) if conv.float_outputs(model) else None
 
     def _moved(self, copy: ir.Model, reference: list[dict]) -> float:
         """How far ``copy``'s outputs moved from ``reference``: squared error over energy, on the
@@ -515,7 +506,7 @@ class Slim(OptPass):
         costs = []
         for att, _ in targets:
             probe = max(1, att.heads - max(1, att.heads // 3))
-            copy = ir.serde.deserialize_model(ir.serde.serialize_model(model))
+            copy = model.clone()
             twin = [a for a in heads.find(copy.graph)[0] if a.name == att.name]
             if reference is None or len(twin) != 1 or probe >= att.heads:
                 costs.append(0.0)
