@@ -60,9 +60,12 @@ def calibration_batches(
     return iter(_spec(calib, who=who).batches(model, []))
 
 
-def first_batch(model: ir.Model, calib: str, rows: int) -> dict[str, np.ndarray]:
-    """The first ``rows`` samples of the calibration data, to check a quantized model against."""
-    return next(iter(_spec(calib, batch=rows).batches(model, [])))
+def first_batch(
+    model: ir.Model, calib: str, rows: int, who: str = "quant"
+) -> dict[str, np.ndarray]:
+    """The first ``rows`` samples of the calibration data (to check a quantized model against,
+    to size a model's activations)."""
+    return next(iter(_spec(calib, batch=rows, who=who).batches(model, [])))
 
 
 def channel_max(model: ir.Model, values: list[ir.Value], calib: str) -> dict[str, np.ndarray]:

@@ -188,7 +188,7 @@ def output_positions(model: ir.Model, calib: str) -> dict[str, int]:
     if not calib or not outs:
         return {}
     results = compare.run_session(
-        compare.model_session(model, [v.name for v in outs]), first_batch(model, calib, 1)
+        compare.model_session(model, [v.name for v in outs]), first_batch(model, calib, 1, "slim")
     )
     return {v.name: int(np.prod(results[v.name].shape[2:])) for v in outs if v.name in results}
 

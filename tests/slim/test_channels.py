@@ -228,3 +228,11 @@ def test_batch_normalization_carries_its_channels(calib):
     x = images(8, 2)
     assert run_proto(model, {"x": x})["out"].shape == (8, 6, SIDE, SIDE)
     assert relative_error(proto, model, x) < 0.5
+
+
+def test_a_missing_calib_is_named_in_slims_name(tmp_path):
+    from onnxopt.errors import UsageError
+
+    model = ir.serde.deserialize_model(conv_model())
+    with pytest.raises(UsageError, match="pass slim: calib .* does not exist"):
+        Slim(calib=str(tmp_path / "nope.npz"))(model)
