@@ -109,9 +109,9 @@ FOLDS = 1  # calibration folds for the sensitivity residual (1: in-sample)
 class Slim(OptPass):
     name = "slim"
     summary = (
-        "structured pruning: remove FFN neurons (up-projection columns, down-projection rows) by "
-        "calibration importance and refit the down-projection by least squares; with heads=, "
-        "attention heads too (Q/K/V columns, out-projection rows, refit likewise); for speed"
+        "structured pruning: remove FFN neurons, attention heads and Conv output channels (with "
+        "what is coupled to them) by calibration importance, and refit what reads them by least "
+        "squares; for speed"
     )
     exact = False
     options = (
@@ -145,8 +145,10 @@ class Slim(OptPass):
             "heads",
             float,
             HEADS,
-            "fraction of each attention layer's heads removed (Q, K, V columns and out-projection "
-            "rows, head by head; the out-projection refit like a down-projection); 0: heads stay",
+            "share of the attention heads removed (Q, K, V columns and out-projection rows, head "
+            "by head; the out-projection refit like a down-projection): each layer's share with "
+            "allocate=uniform, else as many in all from the layers where the outputs move least; "
+            "0: heads stay",
             low=0,
             high=0.9,
         ),
