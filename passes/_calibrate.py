@@ -88,3 +88,24 @@ def outlier_channels(amax: np.ndarray, ratio: float, most: int) -> np.ndarray:
     median = float(np.median(amax))
     order = np.argsort(-amax, kind="stable")[:most]
     return np.sort(order[amax[order] > ratio * median]).astype(np.int64)
+
+
+def token_mask(results: dict[str, np.ndarray], shape: tuple[int, ...]) -> np.ndarray | None:
+    """A [batch, seq] attention mask among the feeds that matches activations of ``shape`` (padding
+    tokens are False), or None."""
+    if len(shape) != 3:
+        return None
+    for name, array in results.items():
+        if (
+            "mask" in name.lower()
+            and array.ndim == 2
+            and array.shape == shape[:2]
+            and array.dtype.kind in "biuf"
+        ):
+            return array != 0
+    return None
+
+
+def tokens(array: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
+    """The rows of ``array`` (one per token or position; the last axis kept), padding left out."""
+    return array[mask] if mask is not None else array.reshape(-1, array.shape[-1])

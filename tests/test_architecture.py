@@ -61,7 +61,7 @@ def test_a_folder_per_pass_and_a_test_folder_for_each():
     import onnxopt
 
     assert callable(onnxopt.optimize)
-    for name in ("fold", "prune", "fuse", "quant", "wquant"):
+    for name in ("fold", "prune", "fuse", "quant", "wquant", "slim", "factorize"):
         assert (ROOT / "passes" / name / "__init__.py").is_file(), name
         assert (ROOT / "tests" / name).is_dir(), name
 

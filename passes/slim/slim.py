@@ -69,7 +69,7 @@ import onnx_ir as ir
 from onnxopt import compare
 from onnxopt.errors import UsageError
 from onnxopt.passbase import Column, Option, OptPass, Outcome
-from onnxopt.passes._calibrate import calibration_batches, run_values
+from onnxopt.passes._calibrate import calibration_batches, run_values, token_mask, tokens
 from onnxopt.passes._common import (
     add_initializer,
     constant,
@@ -495,9 +495,9 @@ class Slim(OptPass):
         moved = energy = 0.0
         for ref, got in zip(reference, run_values(copy, outs, self.calib, who="slim")):
             for name, r in ref.items():
-                mask = _token_mask(got, r.shape)
-                r = _tokens(r, mask).astype(np.float64)
-                moved += float(np.sum(np.square(_tokens(got[name], mask) - r)))
+                mask = token_mask(got, r.shape)
+                r = tokens(r, mask).astype(np.float64)
+                moved += float(np.sum(np.square(tokens(got[name], mask) - r)))
                 energy += float(np.sum(np.square(r)))
         return moved / max(energy, 1e-30)
 
@@ -554,17 +554,17 @@ class Slim(OptPass):
             for ffn, kept in targets:
                 rows.append(self._apply(ffn, kept, None, method, refit))
             return rows
-        tokens, masked = 0, False
+        seen, masked = 0, False
         if self.sequential:
             for ffn, kept in targets:
                 [stats], masked = gather(model, [ffn], self.calib)
                 rows.append(self._apply(ffn, kept, stats, method, refit))
-                tokens = stats.count
+                seen = stats.count
         else:
             all_stats, masked = gather(model, [f for f, _ in targets], self.calib)
             for (ffn, kept), stats in zip(targets, all_stats):
                 rows.append(self._apply(ffn, kept, stats, method, refit))
-            tokens = all_stats[0].count
+            seen = all_stats[0].count
         source = (
             "the slimmed model's own activations, layer by layer"
             if self.sequential
@@ -572,7 +572,7 @@ class Slim(OptPass):
         )
         fitted = f"refit: {refit}" + (f" (ridge {self.ridge:g})" if refit == "lsq" else "")
         notes.append(
-            f"calibration: {self.calib}, {tokens} tokens"
+            f"calibration: {self.calib}, {seen} tokens"
             + (" (padding masked out by the attention mask)" if masked else "")
             + f"; score: {method}; {fitted}; statistics from {source}"
         )
@@ -663,25 +663,6 @@ def _attention_macs(att: Attention, k_in: int, n_out: int, nh: int) -> int:
     return 3 * k_in * d + d * n_out
 
 
-def _token_mask(results: dict[str, np.ndarray], shape: tuple[int, ...]) -> np.ndarray | None:
-    """A [batch, seq] attention mask among the feeds that matches activations of ``shape``."""
-    if len(shape) != 3:
-        return None
-    for name, array in results.items():
-        if (
-            "mask" in name.lower()
-            and array.ndim == 2
-            and array.shape == shape[:2]
-            and array.dtype.kind in "biuf"
-        ):
-            return array != 0
-    return None
-
-
-def _tokens(array: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
-    return array[mask] if mask is not None else array.reshape(-1, array.shape[-1])
-
-
 def _stream(ffn: Ffn) -> ir.Value | None:
     """The residual sum ``x + ffn(x)`` when the FFN's output goes into one Add, else None."""
     out = ffn.output
@@ -714,11 +695,11 @@ def gather(
         for ffn, ffn_stats, z in zip(ffns, stats, streams):
             s = ffn_stats[batch % parts]
             h = results[ffn.hidden.name]
-            mask = _token_mask(results, h.shape)
+            mask = token_mask(results, h.shape)
             masked = masked or mask is not None
-            s.add(_tokens(h, mask), _tokens(results[ffn.output.name], mask))
+            s.add(tokens(h, mask), tokens(results[ffn.output.name], mask))
             if z is not None and z.name in results:
-                zt = _tokens(results[z.name], mask).astype(np.float64)
+                zt = tokens(results[z.name], mask).astype(np.float64)
                 s.stream += float(np.sum(np.square(zt - zt.mean(-1, keepdims=True))))
     return (stats if folds else [s[0] for s in stats]), masked
 

@@ -1,0 +1,3 @@
+from onnxopt.passes.factorize.factorize import Factorize
+
+__all__ = ["Factorize"]
