@@ -14,7 +14,13 @@ import dataclasses
 
 import numpy as np
 
-DAMP = 1e-6  # Gram damping, relative to its mean diagonal: dead inputs (zero rows) stay solvable
+# Gram damping, relative to its mean diagonal: dead inputs stay solvable, and directions the
+# calibration data barely visits are not truncated away. PP-OCRv4 rec (calibrated on 20 photos,
+# checked on 7 held-out images, two of them text), the check's cosine on the held-out images at the
+# ranks the budget chose: 1e-6 0.9856, 1e-2 0.9879, 1e-1 0.9903; MiniLM-L6 at ratio 0.1 (cos_mean /
+# cos_ho / top-5): 1e-6 0.98588 / 0.98366 / 0.825, 1e-2 0.98592 / 0.9837 / 0.824, 1e-1 0.98414 /
+# 0.98192 / 0.804.
+DAMP = 1e-2
 ASVD_ALPHA = 0.5  # ASVD's scaling exponent (their paper's choice)
 METHODS = ("whiten", "asvd", "plain")
 

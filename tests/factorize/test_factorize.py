@@ -47,16 +47,19 @@ def mlp_model(seed=0, layers=2):
     return make_model(nodes, [("x", F, ["batch", SEQ, K])], [("out", F, ["batch", SEQ, K])], init)
 
 
+MIX = np.random.default_rng(100).standard_normal((K, K)) * np.logspace(0, -1.5, K)[:, None]
+
+
 def samples(n, seed):
+    """Correlated inputs, every seed from the same distribution."""
     rng = np.random.default_rng(seed)
-    mix = rng.standard_normal((K, K)) * np.logspace(0, -1.5, K)[:, None]
-    return (rng.standard_normal((n, SEQ, K)) @ mix).astype(np.float32)
+    return (rng.standard_normal((n, SEQ, K)) @ MIX).astype(np.float32)
 
 
 @pytest.fixture(scope="module")
 def calib(tmp_path_factory):
     path = tmp_path_factory.mktemp("factorize") / "calib.npz"
-    np.savez(path, x=samples(32, 1))
+    np.savez(path, x=samples(128, 1))
     return str(path)
 
 
