@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import onnx
 import onnx_ir as ir
 import onnx_ir.passes.common as common
 from onnx_ir.passes.common import _c_api_utils
+
+from onnxopt.errors import UsageError
 
 STANDARD_DOMAINS = ("", "ai.onnx")
 RTOL = 1e-4  # how close an exporter's constant must be to the exact one (float32 rounding, fewer digits)
@@ -246,3 +250,11 @@ def shape_chain(node: ir.Node) -> list[ir.Node]:
         if prev is None or not single_use(chain[0].inputs[0]):
             return chain
         chain.insert(0, prev)
+
+
+def regexes(patterns: list[str], option: str, where: str) -> list[re.Pattern]:
+    """``patterns`` compiled; a bad one is the user's error, named by ``option`` and ``where``."""
+    try:
+        return [re.compile(p) for p in patterns]
+    except re.error as e:
+        raise UsageError(f"{where}: {option} has a bad regex: {e}") from None

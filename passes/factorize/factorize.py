@@ -35,7 +35,6 @@ same within noise and was left out.
 from __future__ import annotations
 
 import collections
-import re
 import warnings
 from typing import Any
 
@@ -45,7 +44,7 @@ import onnx_ir as ir
 from onnxopt.errors import UsageError
 from onnxopt.passbase import Column, Option, OptPass, Outcome
 from onnxopt.passes._calibrate import calibration_batches, token_mask, tokens
-from onnxopt.passes._common import infer_shapes, lift_constants, remove_unused
+from onnxopt.passes._common import infer_shapes, lift_constants, regexes, remove_unused
 from onnxopt.passes.factorize import latency, lowrank, stats
 from onnxopt.passes.factorize.allocate import allocate
 from onnxopt.passes.factorize.layers import KINDS, Layer, find
@@ -58,7 +57,7 @@ EMBED_PRIOR = 0.1
 RIDGE = 0.01
 DEFAULT_MIN_COSINE = 0.99
 BUDGET_STEPS = 7  # tries of the error budget (see _within_budget)
-MIN_SIZE = 4096  # weights smaller than this are left whole
+MIN_SIZE = 1024  # weights smaller than this are left whole
 # The budget's search holds this share of the allowed loss (1 - min_cosine) on the calibration data:
 # PP-OCRv4 rec held 0.9913 on its calibration images and 0.9820 on held-out ones.
 HELD_OUT_MARGIN = 0.5
@@ -169,6 +168,8 @@ class Factorize(OptPass):
         Column("full_rank", "full rank", "d"),
         Column("params_before", "params before", ",d"),
         Column("params_after", "params after", ",d"),
+        Column("macs_before", "MACs/row before", ",d"),
+        Column("macs_after", "MACs/row after", ",d"),
         Column("local_error", "local error", ".2e"),
         Column("time", "time vs full", ".2f"),
     )
@@ -185,10 +186,7 @@ class Factorize(OptPass):
             for option in ("method", "refit"):
                 if option in self.given and getattr(self, option) not in ("auto", "plain", False):
                     raise UsageError(f"{where}: {option}={getattr(self, option)} needs calib=PATH")
-        try:
-            self._exclude = [re.compile(p) for p in self.exclude]
-        except re.error as e:
-            raise UsageError(f"{where}: bad exclude pattern ({e})") from None
+        self._exclude = regexes(self.exclude, "exclude", where)
 
     @property
     def truncation(self) -> str:
@@ -212,7 +210,10 @@ class Factorize(OptPass):
         layers = self._layers(model, notes)
         if not layers:
             notes.insert(
-                0, "nothing to factorize: no MatMul, Gemm or 1x1 Conv with a constant weight"
+                0,
+                f"nothing to factorize: no MatMul, Gemm or 1x1 Conv{' or table' * self.embeddings} "
+                f"with a constant weight of at least {MIN_SIZE} values that a rank below "
+                f"{self.margin:g} of break-even shrinks",
             )
             return Outcome(model, False, notes, [], self.min_cosine)
         if not self.calib:
@@ -225,6 +226,12 @@ class Factorize(OptPass):
             notes.append(message)
             found = [None] * len(layers)
         else:
+            if self.calib == "random":
+                warnings.warn(
+                    "pass factorize: calibrating on random inputs (calib=random): whitening, "
+                    "sensitivities and the budget will not match real data; pass calib=PATH",
+                    stacklevel=2,
+                )
             found = stats.gather(model, layers, self.calib)
         bases = [self._basis(layer, s) for layer, s in zip(layers, found)]
         options, timed = self._options(layers, found, notes)
@@ -464,6 +471,8 @@ class Factorize(OptPass):
             "full_rank": min(k, n),
             "params_before": layer.params,
             "params_after": layer.factored_params(rank),
+            "macs_before": 0 if layer.kind == "embedding" else layer.params,
+            "macs_after": rank * n if layer.kind == "embedding" else layer.factored_params(rank),
             "local_error": float(b.tail[rank] / max(b.tail[0], 1e-30)),
             "time": timed[layer.name][0][rank] if layer.name in timed else float("nan"),
             "output": layer.node.outputs[0].name,

@@ -10,7 +10,6 @@ float): ``Quantize(bits=4, ...)`` builds a ``WeightQuantize`` with the same opti
 from __future__ import annotations
 
 import dataclasses
-import re
 from typing import Any
 
 import onnx_ir as ir
@@ -21,6 +20,7 @@ from onnxopt.passes._calibrate import first_batch
 from onnxopt.passes._common import (
     infer_shapes,
     lift_constants,
+    regexes,
     remove_unused,
     unique_names,
 )
@@ -227,10 +227,7 @@ class Quantize(OptPass):
 
     def __init__(self, **values: Any):
         super().__init__(**values)
-        try:
-            self._exclude = [re.compile(p) for p in self.exclude]
-        except re.error as e:
-            raise UsageError(f"pass quant: exclude has a bad regex: {e}") from None
+        self._exclude = regexes(self.exclude, "exclude", "pass quant")
         if self.percentile <= 50:
             raise UsageError(f"pass quant: percentile must be in (50, 100], got {self.percentile}")
         if self.mode == "static" and not self.calib:

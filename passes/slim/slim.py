@@ -58,7 +58,6 @@ from __future__ import annotations
 
 import collections
 import math
-import re
 import warnings
 from typing import Any
 
@@ -76,6 +75,7 @@ from onnxopt.passes._common import (
     fresh_name,
     infer_shapes,
     lift_constants,
+    regexes,
     remove_unused,
 )
 from onnxopt.passes.slim import channels, conv, fit, heads
@@ -241,10 +241,7 @@ class Slim(OptPass):
                         f"{where}: {option}={getattr(self, option)} needs calib=PATH (activations "
                         "on calibration samples)"
                     )
-        try:
-            self._exclude = [re.compile(p) for p in self.exclude]
-        except re.error as e:
-            raise UsageError(f"{where}: bad exclude pattern ({e})") from None
+        self._exclude = regexes(self.exclude, "exclude", where)
 
     @property
     def score_method(self) -> str:

@@ -17,7 +17,6 @@ tables (Gather, then DequantizeLinear). Activations stay float.
 from __future__ import annotations
 
 import dataclasses
-import re
 from typing import Any
 
 import numpy as np
@@ -34,6 +33,7 @@ from onnxopt.passes._common import (
     is_standard,
     lift_constants,
     rank,
+    regexes,
     remove_unused,
     unique_names,
 )
@@ -216,9 +216,9 @@ class WeightQuantize(OptPass):
                 f"{where}: algo=gptq needs calib=PATH: it weighs each weight's error by its inputs "
                 "on the calibration data"
             )
-        self._exclude = _regexes(self.exclude, "exclude", where)
+        self._exclude = regexes(self.exclude, "exclude", where)
         self._keep_8bit = (
-            [] if self.keep_8bit == [AUTO] else _regexes(self.keep_8bit, "keep_8bit", where)
+            [] if self.keep_8bit == [AUTO] else regexes(self.keep_8bit, "keep_8bit", where)
         )
 
     def skipping(self, skipped: list[str]) -> WeightQuantize:
@@ -582,13 +582,6 @@ def _hessians(model: ir.Model, nodes: list[ir.Node], calib: str) -> dict[str, np
     return input_hessians(
         model, [n for n in nodes if n.op_type == "MatMul" and n.graph is model.graph], calib
     )[0]
-
-
-def _regexes(patterns: list[str], option: str, where: str) -> list[re.Pattern]:
-    try:
-        return [re.compile(p) for p in patterns]
-    except re.error as e:
-        raise UsageError(f"{where}: {option} has a bad regex: {e}") from None
 
 
 def _why_float(node: ir.Node, options: WeightQuantize) -> str | None:

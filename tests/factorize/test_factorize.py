@@ -175,6 +175,7 @@ def test_factorize_keeps_the_interface_and_saves_parameters(calib):
     total = 4 * K * H
     assert (before - after) >= 0.3 * total * 0.9
     assert all(r["rank"] < lowrank.break_even(K, H) for r in result.rows)
+    assert all(r["macs_after"] == r["rank"] * (K + H) < r["macs_before"] for r in result.rows)
     out = run_proto(model, {"x": samples(4, 9)})["out"]
     assert out.shape == (4, SEQ, K)
     assert cosine(proto, model, samples(16, 7)) > 0.99
@@ -265,3 +266,28 @@ def test_both_faces_pass_the_check(tmp_path, calib):
     names = sorted(n.op_type for n in model.graph)
     assert names == sorted(n.op_type for n in model2.graph) and names.count("MatMul") > 4
     assert str(report) and str(report2)
+
+
+@pytest.mark.parametrize("after", ["quant(tune=off)", "quant(bits=4)"])
+def test_composes_with_quantization(tmp_path, calib, after):
+    """The factors are ordinary constant MatMul weights: quant and wquant take them like any."""
+    path = tmp_path / "mlp.onnx"
+    onnx.save(mlp_model(), str(path))
+    first = f"factorize(ratio=0.3,calib={calib},multiple=4,latency=false)"
+    model, _ = onnxopt.optimize(str(path), [first, after], check=False)
+    quantized = {"MatMulInteger", "DynamicQuantizeMatMul", "MatMulNBits"}
+    kinds = [n.op_type for n in model.graph]
+    assert sum(k in quantized for k in kinds) > 4, kinds
+
+
+def test_slim_then_factorize(tmp_path, calib):
+    path = tmp_path / "mlp.onnx"
+    onnx.save(mlp_model(), str(path))
+    passes = [
+        f"slim(ratio=0.25,heads=0,calib={calib})",
+        f"factorize(ratio=0.3,calib={calib},multiple=4,latency=false)",
+    ]
+    model, report = onnxopt.optimize(str(path), passes, inputs=None, check=True)
+    records = report.run.passes
+    assert [r.modified for r in records] == [True, True]
+    assert sum(n.op_type == "MatMul" for n in model.graph) > 4
