@@ -283,7 +283,8 @@ class Factorize(OptPass):
             notes.append(f"MatMul, Gemm and Conv layers left whole: {why}")
             saved = sum(layer.params - layer.factored_params(r) for layer, _, r in chosen)
         refit = bool(self.refit and self.calib)
-        self._apply(model, chosen, refit)
+        grams = {layer.name: s.gram if s else None for layer, s in zip(layers, found)}
+        self._apply(model, chosen, refit, grams)
         remove_unused(model)
         rows = [self._row(layer, b, r, timed) for layer, b, r in chosen]
         summary = (
@@ -434,19 +435,24 @@ class Factorize(OptPass):
                 twins[layer.name].rewrite(*b.factors(r))
         return stats.fidelity(copy, reference, self.calib)
 
-    def _apply(self, model: ir.Model, chosen: list, refit: bool) -> None:
-        """Rewrite the chosen layers; with ``refit``, stage by stage in graph order (layers that
-        read one value together), each stage's B fit on the activations of the model factorized
-        so far to the original model's outputs of those layers."""
+    def _apply(self, model: ir.Model, chosen: list, refit: bool, grams: dict) -> None:
+        """Rewrite the chosen layers, each split by ``lowrank.equalized`` (``grams``: by layer
+        name); with ``refit``, stage by stage in graph order (layers that read one value
+        together), each stage's B fit on the activations of the model factorized so far to the
+        original model's outputs of those layers."""
+
+        def rewrite(layer: Layer, a: np.ndarray, b: np.ndarray) -> None:
+            layer.rewrite(*lowrank.equalized(a, b, grams[layer.name]))
+
         if not refit:
             for layer, b, r in chosen:
-                layer.rewrite(*b.factors(r))
+                rewrite(layer, *b.factors(r))
             return
         original = model.clone()
         fitted = [item for item in chosen if item[0].kind in ("matmul", "gemm")]
         for layer, b, r in chosen:
             if layer.kind not in ("matmul", "gemm"):
-                layer.rewrite(*b.factors(r))
+                rewrite(layer, *b.factors(r))
         outs = [item[0].output.name for item in fitted]
         stages: dict[str, list] = {}
         for item in fitted:
@@ -464,7 +470,7 @@ class Factorize(OptPass):
                     cross[i] = cross[i] + x.T @ y
             for (layer, b, r), c in zip(stage, cross):
                 a, b0 = b.factors(r)
-                layer.rewrite(a, lowrank.refit_right(a, gram, c, self.ridge, b0))
+                rewrite(layer, a, lowrank.refit_right(a, gram, c, self.ridge, b0))
 
     def _row(self, layer: Layer, b: lowrank.Basis, rank: int, timed: dict) -> dict:
         k, n = layer.weight.shape

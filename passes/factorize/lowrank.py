@@ -113,6 +113,27 @@ def ranks(k: int, n: int, multiple: int, margin: float) -> list[int]:
     return list(range(top, 0, -multiple))
 
 
+def equalized(
+    left: np.ndarray, right: np.ndarray, gram: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """The same product A·B, split so that every channel of the rank-r intermediate x·A has the
+    same energy on the calibration rows (``gram``: X^T X, or an embedding's token counts); without
+    ``gram``, so that every column of A has unit norm. A later int8 pass quantizes that
+    intermediate with one scale per tensor: split as the truncation leaves it (channel j carrying
+    singular value s_j), MiniLM-L6 at ratio 0.1 then dynamic int8 kept a token cosine of 0.073 to
+    the factorized model on calibration sentences; equalized, 0.986 (int8 of the unfactorized
+    model: 0.977 to its own)."""
+    if gram is None:
+        energy = np.sum(np.square(left), axis=0)
+    elif gram.ndim == 1:
+        energy = gram @ np.square(left)
+    else:
+        energy = np.einsum("kr,kl,lr->r", left, gram, left)
+    scale = np.sqrt(np.maximum(energy, 0))
+    scale = np.where(scale > 0, scale / max(float(np.median(scale)), 1e-30), 1.0)
+    return left / scale, right * scale[:, None]
+
+
 def refit_right(
     left: np.ndarray,
     gram: np.ndarray,

@@ -280,6 +280,19 @@ def test_composes_with_quantization(tmp_path, calib, after):
     assert sum(k in quantized for k in kinds) > 4, kinds
 
 
+def test_the_intermediate_is_level_for_int8(calib):
+    """Each channel of x·A carries the same energy on the calibration rows, so that a later
+    dynamic int8 pass (one scale per tensor) does not drown the small singular directions."""
+    model, outcome = factorize(mlp_model(), ratio=0.3, calib=calib)
+    assert outcome.modified
+    first = next(n for n in model.graph if n.op_type == "MatMul" and n.inputs[0].name == "x")
+    a = first.inputs[1].const_value.numpy()
+    assert a.shape[1] < K
+    rows = np.load(calib)["x"].reshape(-1, K).astype(np.float64)
+    energy = np.sum(np.square(rows @ a), axis=0)
+    np.testing.assert_allclose(energy, np.median(energy), rtol=0.05)
+
+
 def test_slim_then_factorize(tmp_path, calib):
     path = tmp_path / "mlp.onnx"
     onnx.save(mlp_model(), str(path))

@@ -103,3 +103,25 @@ def test_allocation_follows_the_hull():
     assert ranks == [16, None] and saved == 30 and predicted == 6
     ranks, saved, predicted = allocate([jump, smooth], budget=3)
     assert ranks == [None, 32] and predicted == 2
+
+
+@pytest.mark.parametrize("gram", ["full", "diagonal", "none"])
+def test_equalized_keeps_the_product_and_levels_the_intermediate(gram):
+    """Every channel of x·A carries the same energy on the calibration rows (int8 of that
+    intermediate takes one scale per tensor), and A·B is unchanged."""
+    rng = np.random.default_rng(5)
+    x = correlated(rng)
+    w = rng.standard_normal((48, 32))
+    grams = {"full": x.T @ x, "diagonal": np.sum(np.square(x), axis=0), "none": None}
+    a, b = lowrank.basis(w, "whiten", x.T @ x).factors(12)
+    a2, b2 = lowrank.equalized(a, b, grams[gram])
+    np.testing.assert_allclose(a2 @ b2, a @ b, rtol=1e-9, atol=1e-9)
+    before = np.sum(np.square(x @ a), axis=0)
+    assert before.max() > 10 * before.min()  # the truncation's split: s_j² per channel
+    if gram == "full":
+        energy = np.sum(np.square(x @ a2), axis=0)
+    elif gram == "diagonal":
+        energy = grams["diagonal"] @ np.square(a2)
+    else:
+        energy = np.sum(np.square(a2), axis=0)
+    np.testing.assert_allclose(energy, energy[0], rtol=1e-6)
