@@ -19,6 +19,7 @@ from onnxopt import (
     io,
     pipeline,
     policy,
+    profile,
     progress,
     report,
     runtime,
@@ -437,6 +438,14 @@ def validate_cmd(
     help="The statistic speedups are computed on.",
 )
 @click.option(
+    "--profile",
+    "profile_top",
+    type=click.IntRange(min=0),
+    default=0,
+    help="Also profile the models in onnxruntime (runs alternately) and print kernel time by op "
+    "type and the N scopes whose time differs most from the first model's.",
+)
+@click.option(
     "--json", "as_json", is_flag=True, help="Print JSON for machines instead of the table."
 )
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
@@ -453,6 +462,7 @@ def bench_cmd(
     warmup,
     threads,
     speedup_by,
+    profile_top,
     as_json,
     quiet,
 ):
@@ -480,6 +490,10 @@ def bench_cmd(
         timings = bench.bench(
             models, feeds, eps, settings, lambda n, ep: advance(n, f"timing on {ep}")
         )
+    profiles = []
+    if profile_top:
+        with progress.bar(out, "profiling", None, quiet=quiet or as_json):
+            profiles = profile.profile(models, feeds, threads=threads, ep=eps[0])
     if as_json:
         click.echo(
             io.to_json(
@@ -488,6 +502,7 @@ def bench_cmd(
                     "peak_rss_mb": round(bench.peak_rss_mb(), 1),
                     "speedup_by": speedup_by,
                     "results": [t.to_dict() for t in timings],
+                    **({"profile": [p.to_dict() for p in profiles]} if profiles else {}),
                 }
             )
         )
@@ -497,6 +512,8 @@ def bench_cmd(
             timings, f"latency (ms), speedup by {speedup_by}; peak RSS {bench.peak_rss_mb():.0f} MB"
         )
     )
+    for table in report.profile_tables(profiles, profile_top) if profiles else []:
+        out.print(table)
 
 
 @cli.command("check")

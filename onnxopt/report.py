@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import sys
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from rich.console import Console
@@ -216,6 +217,31 @@ def bench_table(timings: list[Timing], title: str) -> Table:
             _opt(t.rss_mb, ".0f"),
         )
     return table
+
+
+def profile_tables(profiles: list, top: int = 20) -> list[Table]:
+    """Kernel time per run (ms) by op type, then by scope (the ``top`` scopes whose time differs
+    most from the first model's), the models side by side."""
+    names = [Path(p.model).name for p in profiles]
+    ops = [p.by_op() for p in profiles]
+    by_op = _table("kernel time by op type, ms per run (kernels)", ["op", *names], left=("op",))
+    for op in sorted(set().union(*ops), key=lambda o: -max(d.get(o, (0, 0))[1] for d in ops)):
+        _add(by_op, op, *(f"{d[op][1] / 1e3:.3f} ({d[op][0]})" if op in d else "-" for d in ops))
+    _add(by_op, "total", *(f"{p.total_us / 1e3:.3f}" for p in profiles))
+    scopes = [p.by_scope() for p in profiles]
+    first = scopes[0]
+    spread = sorted(
+        set().union(*scopes),
+        key=lambda s: -max(abs(d.get(s, 0.0) - first.get(s, 0.0)) for d in scopes),
+    )
+    by_scope = _table(
+        f"kernel time by scope, ms per run (the {top} that differ most from {names[0]})",
+        ["scope", *names],
+        left=("scope",),
+    )
+    for scope in spread[:top]:
+        _add(by_scope, scope or "(no scope)", *(_opt(d.get(scope, 0) / 1e3, ".3f") for d in scopes))
+    return [by_op, by_scope]
 
 
 def layer_table(

@@ -7,7 +7,7 @@ import onnx
 import onnx.numpy_helper
 import onnxruntime
 import pytest
-from helpers import classifier, cli
+from helpers import F, classifier, cli, make_model
 
 from onnxopt import bench, runtime
 from onnxopt.errors import UsageError
@@ -137,3 +137,39 @@ def test_io_binding_runs_keep_data_on_the_device(tmp_path):
     [out] = runner.binding.copy_outputs_to_cpu()
     weight = onnx.numpy_helper.to_array(onnx.load(str(a)).graph.initializer[0])
     np.testing.assert_allclose(out, x @ weight, rtol=1e-5, atol=1e-5)
+
+
+def scoped_model(path):
+    """x [n, 64] → /m/dense/MatMul → /m/act/Relu, nodes named by module path as exporters do."""
+    rng = np.random.default_rng(0)
+    nodes = [
+        onnx.helper.make_node("MatMul", ["x", "w"], ["h"], name="/m/dense/MatMul"),
+        onnx.helper.make_node("Relu", ["h"], ["y"], name="/m/act/Relu"),
+    ]
+    w = {"w": rng.standard_normal((64, 64)).astype(np.float32)}
+    model = make_model(nodes, [("x", F, ["n", 64])], [("y", F, ["n", 64])], w)
+    onnx.save(model, str(path))
+    return path
+
+
+def test_profile_lines_up_kernels_by_op_and_scope(tmp_path, capsys):
+    import onnxopt
+    from onnxopt import profile
+
+    a = scoped_model(tmp_path / "a.onnx")
+    b = tmp_path / "b.onnx"
+    onnxopt.save(onnxopt.optimize(str(a), ["quant(tune=off)"], check=False)[0], b)
+    feeds = {"x": np.ones((32, 64), np.float32)}
+    pa, pb = profile.profile([a, b], feeds, runs=5, threads=1)
+    assert {"MatMul", "Relu"} <= set(pa.by_op()) and pa.total_us > 0
+    assert "MatMul" not in pb.by_op()  # onnxruntime runs the int8 form instead
+    assert set(pa.by_scope()) == {"/m/dense", "/m/act"}
+    assert "/m/dense" in pb.by_scope() and "/m/act" in pb.by_scope()
+    assert profile.scope_of("/m/dense/MatMul_quant") == "/m/dense"
+    assert cli("bench", a, b, "--shape", "x=32,64", "--iters", "3", "--profile", "5") == 0
+    out = capsys.readouterr().out
+    assert "kernel time by op type" in out and "/m/dense" in out
+    assert cli("bench", a, b, "--shape", "x=32,64", "--iters", "3", "--profile", "5", "--json") == 0
+    found = json.loads(capsys.readouterr().out)["profile"]
+    assert [p["model"] for p in found] == [str(a), str(b)]
+    assert found[0]["by_op"]["MatMul"]["kernels"] == 1

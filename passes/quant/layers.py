@@ -68,7 +68,7 @@ def scale_range(row: dict) -> str:
 @dataclasses.dataclass(frozen=True)
 class Int8Reasons:
     """Why a Conv, MatMul or Gemm stayed float in an int8 run: the options that select layers and
-    what the run decided (scopes kept float for accuracy or speed; tune=latency's whole-model p50s,
+    what the run decided (scopes kept float for accuracy or speed; tune=latency's whole-model times,
     float then int8, in ms)."""
 
     mode: str

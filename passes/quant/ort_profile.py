@@ -1,9 +1,8 @@
-"""Per-scope kernel times of models in onnxruntime, profiled in alternating runs so that the noise of
-a shared machine hits them alike."""
+"""Per-scope kernel times of models in onnxruntime (``onnxopt.profile``), traced to the scopes of
+the model the pass rewrote."""
 
 from __future__ import annotations
 
-import json
 import re
 import tempfile
 from collections import defaultdict
@@ -12,10 +11,8 @@ from pathlib import Path
 import numpy as np
 import onnx_ir as ir
 
-from onnxopt import io, runtime
+from onnxopt import io, profile
 
-RUNS = 30
-WARMUP = 3
 # onnxruntime's names for nodes it made: QDQ fusions (``<node>_token_7``), NCHWc layout (``<output>_nchwc``)
 _MADE_SUFFIX = re.compile(r"(_token_\d+|_nchwc)$")
 
@@ -38,34 +35,15 @@ def scope_times(
     fusions it named itself) go to the scope of the longest known name they start with, else to ''.
     """
     with tempfile.TemporaryDirectory(prefix="onnxopt-profile-") as folder:
-        sessions = []
-        for i, model in enumerate(models):
-            path = io.save(model, Path(folder, f"model{i}.onnx"))
-            sessions.append(
-                runtime.session(path, optimize=True, profile=str(Path(folder, f"profile{i}")))
-            )
-        for _ in range(WARMUP):
-            for sess in sessions:
-                sess.run(None, feeds)
-        for _ in range(RUNS):
-            for sess in sessions:
-                sess.run(None, feeds)
-        return [_by_scope(_kernel_times(sess.end_profiling()), owners) for sess in sessions]
+        paths = [io.save(model, Path(folder, f"model{i}.onnx")) for i, model in enumerate(models)]
+        found = profile.profile(paths, feeds)
+    return [_by_scope(p.kernels, owners) for p in found]
 
 
-def _kernel_times(profile_file: str) -> dict[str, float]:
-    """Median microseconds per run of each kernel, by node name, skipping the warm-up runs."""
-    runs: dict[str, list[float]] = defaultdict(list)
-    for event in json.loads(Path(profile_file).read_text()):
-        if event.get("cat") == "Node" and event["name"].endswith("_kernel_time"):
-            runs[event["name"].removesuffix("_kernel_time")].append(event["dur"])
-    return {name: float(np.median(times[WARMUP:] or times)) for name, times in runs.items()}
-
-
-def _by_scope(times: dict[str, float], owners: dict[str, str]) -> dict[str, float]:
+def _by_scope(kernels: list[profile.Kernel], owners: dict[str, str]) -> dict[str, float]:
     found: dict[str, float] = defaultdict(float)
-    for name, us in times.items():
-        found[_owner_of(name, owners)] += us
+    for k in kernels:
+        found[_owner_of(k.name, owners)] += k.us
     return dict(found)
 
 

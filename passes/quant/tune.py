@@ -14,6 +14,10 @@ from onnxopt.passes._calibrate import first_batch
 from onnxopt.shapes import resolve
 
 ITERS = 60
+# The statistic candidates are compared on: as the yardsticks do, a low percentile, since noise on a
+# shared machine only ever adds time. On MiniLM-L6 (int8 vs float, batch 1 x 128) the p50 verdict
+# flipped from 1.43x to 0.97x between two runs of the same pass on a busy machine.
+STAT = "p20"
 ROWS = 1  # calibration samples per timed run: latency at batch 1
 SEQUENCE = 128  # a symbolic dim other than the first, when inputs are generated
 
@@ -30,9 +34,16 @@ def tuning_feeds(
     return inputs.generate(model, chosen.shapes)[0], chosen.note("tune=latency timed")
 
 
-def latencies(models: list[ir.Model], feeds: dict[str, np.ndarray]) -> list[float]:
-    """p50 milliseconds of each model on onnxruntime's CPU provider."""
+def latencies(
+    models: list[ir.Model], feeds: dict[str, np.ndarray], again=lambda times: False
+) -> list[float]:
+    """``STAT`` milliseconds of each model on onnxruntime's CPU provider; timed once more when
+    ``again(times)`` says so, each model then keeping its faster measurement."""
     with tempfile.TemporaryDirectory(prefix="onnxopt-tune-") as folder:
         paths = [io.save(m, Path(folder, f"model{i}.onnx")) for i, m in enumerate(models)]
-        rows = bench.bench(paths, feeds, settings=bench.Settings(iters=ITERS, warmup=3))
-    return [row.stat("p50") for row in rows]
+        settings = bench.Settings(iters=ITERS, warmup=3)
+        times = [row.stat(STAT) for row in bench.bench(paths, feeds, settings=settings)]
+        if again(times):
+            retimed = [row.stat(STAT) for row in bench.bench(paths, feeds, settings=settings)]
+            times = [min(a, b) for a, b in zip(times, retimed)]
+    return times

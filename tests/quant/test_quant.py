@@ -22,9 +22,9 @@ def rand(*shape):
 
 
 def timed(notes):
-    """tune=latency's whole-model p50s (float, int8) in ms, from the run's note."""
+    """tune=latency's whole-model times (float, int8) in ms, from the run's note."""
     (found,) = [
-        re.search(r"int8 p50 ([\d.]+) ms vs float ([\d.]+) ms", n) for n in notes if "p50" in n
+        re.search(r"int8 p20 ([\d.]+) ms vs float ([\d.]+) ms", n) for n in notes if "p20" in n
     ]
     return float(found[2]), float(found[1])
 

@@ -6,6 +6,7 @@ import onnx_ir as ir
 from onnxopt.passes.quant.ort_profile import _by_scope, _owner_of
 from onnxopt.passes.quant.search import _owners
 from onnxopt.passes.quant.static import insert_qdq
+from onnxopt.profile import Kernel
 
 
 def _model() -> ir.Model:
@@ -37,10 +38,10 @@ def test_kernel_names_map_to_scopes():
     assert _owner_of("/block/conv/Conv_output_0.dequantize", owners) == "/block/conv"
     assert _owner_of("/block/conv/Conv.int8", owners) == "/block/conv"  # a node a quantizer made
     assert _owner_of("ReorderInput_token_3", owners) == ""
-    times = {
-        "/block/conv/Conv_token_17": 30.0,
-        "/block/conv/Conv_output_0.dequantize": 5.0,
-        "/block/act/Sigmoid": 7.0,
-        "ReorderOutput": 2.0,
-    }
+    times = [
+        Kernel("/block/conv/Conv_token_17", "QLinearConv", 30.0),
+        Kernel("/block/conv/Conv_output_0.dequantize", "DequantizeLinear", 5.0),
+        Kernel("/block/act/Sigmoid", "Sigmoid", 7.0),
+        Kernel("ReorderOutput", "ReorderOutput", 2.0),
+    ]
     assert _by_scope(times, owners) == {"/block/conv": 35.0, "/block/act": 7.0, "": 2.0}
