@@ -176,21 +176,27 @@ def _dynamic_row(node: ir.Node, by_name: dict[str, ir.Node]) -> dict:
 
 
 def _gather_row(node: ir.Node) -> dict:
-    """An int8 embedding table looked up, then dequantized: the indices are not quantized."""
+    """An int8 embedding table looked up, then dequantized (a DequantizeLinear, or Cast then Mul by
+    one scale per dim): the indices are not quantized."""
     base = node.name.removesuffix(".int8")
-    reader = next(
-        (u.node for u in node.outputs[0].uses() if is_standard(u.node, "DequantizeLinear")), None
-    )
-    if reader is None:
-        return _row(base, "Gather", node.outputs[0].name, "int8", None)
-    return _row(
-        base,
-        "Gather",
-        reader.outputs[0].name,
-        "int8",
-        None,
-        **_weight_stats(*_dq_params(reader)[1:]),
-    )
+    reader = next(iter(node.outputs[0].uses()), None)
+    reader = reader.node if reader else None
+    if reader is not None and is_standard(reader, "DequantizeLinear"):
+        return _row(
+            base,
+            "Gather",
+            reader.outputs[0].name,
+            "int8",
+            None,
+            **_weight_stats(*_dq_params(reader)[1:]),
+        )
+    if reader is not None and is_standard(reader, "Cast"):
+        scaled = next(iter(reader.outputs[0].uses()), None)
+        if scaled is not None and is_standard(scaled.node, "Mul"):
+            mul = scaled.node
+            stats = _weight_stats(constant(mul.inputs[1]), np.zeros(1, np.int8))
+            return _row(base, "Gather", mul.outputs[0].name, "int8", None, **stats)
+    return _row(base, "Gather", node.outputs[0].name, "int8", None)
 
 
 def _static_row(node: ir.Node) -> dict | None:

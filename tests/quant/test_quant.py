@@ -145,8 +145,8 @@ def test_gemm(gemm, bias):
     assert np.abs(run_proto(model, {"x": x})["y"] - expected).max() < 0.05 * np.abs(expected).max()
 
 
-def embedding_model():
-    table = rand(50, 12)
+def embedding_model(rows=1400):
+    table = rand(rows, 12)
     node = helper.make_node("Gather", ["table", "ids"], ["e"], axis=0)
     return make_model(
         [node], [("ids", TensorProto.INT64, [2, 5])], [("e", F, [2, 5, 12])], {"table": table}
@@ -157,11 +157,22 @@ def test_gather_keeps_an_int8_table():
     proto, table = embedding_model()
     ids = RNG.integers(0, 50, (2, 5))
     model, _ = onnxopt.run(ir.serde.deserialize_model(proto), [Quantize(tune="off")])
-    assert ops(model) == ["Gather", "DequantizeLinear"]
+    assert ops(model) == ["Gather", "Cast", "Mul"]  # a per-axis DequantizeLinear's numbers
     q, scale = quantize_symmetric(table, 1)
     np.testing.assert_allclose(
         run_proto(model, {"ids": ids})["e"], dequantize(q, scale, 0, axis=1)[ids], rtol=1e-6
     )
+    model, _ = onnxopt.run(
+        ir.serde.deserialize_model(proto), [Quantize(tune="off", per_channel=False)]
+    )
+    assert ops(model) == ["Gather", "DequantizeLinear"]
+
+
+def test_small_tables_stay_float():
+    """A table under MIN_TABLE_BYTES saves nothing and its lookups cost as much as a large one's."""
+    proto, _ = embedding_model(rows=50)
+    model, _ = onnxopt.run(ir.serde.deserialize_model(proto), [Quantize(tune="off")])
+    assert ops(model) == ["Gather"]
 
 
 def test_options_select_what_is_quantized():

@@ -76,7 +76,7 @@ def assert_totals(data):
 def dense_model(tmp_path):
     """Embedding → MatMul → Relu → Gemm, a MatMul to exclude, and a Conv (float in dynamic mode)."""
     w = {
-        "table": rand(10, 16),
+        "table": rand(1100, 16),  # above dynamic.MIN_TABLE_BYTES
         "w1": rand(16, 8),
         "w2": rand(8, 4),
         "b2": rand(4, scale=0.1),
