@@ -287,6 +287,29 @@ def test_calibrated_outliers_stay_float(tmp_path):
     assert error["split"] < error["plain"] / 10
 
 
+def test_outlier_split_takes_the_bias_into_the_int8_kernel(tmp_path):
+    """MatMul then Add(bias): the bias goes right after the int8 product (onnxruntime fuses it into
+    the int8 kernel), the outliers' Add last; the output keeps its name and matches."""
+    w, b = rand(16, 8), rand(8)
+    nodes = [
+        helper.make_node("MatMul", ["x", "w"], ["h"], name="dense/MatMul"),
+        helper.make_node("Add", ["b", "h"], ["y"], name="dense/Add"),
+    ]
+    proto = make_model(nodes, [("x", F, ["n", 16])], [("y", F, ["n", 8])], {"w": w, "b": b})
+    x = rand(64, 16)
+    x[:, 5] *= 100
+    np.savez(tmp_path / "calib.npz", x=x[:32])
+    split, _ = onnxopt.run(
+        ir.serde.deserialize_model(proto),
+        [Quantize(tune="off", calib=str(tmp_path / "calib.npz"))],
+    )
+    assert ops(split)[-4:] == ["Mul", "Add", "MatMul", "Add"]
+    assert [n.name for n in split.graph][-1].endswith("with_outliers")
+    test = x[32:]
+    got = run_proto(split, {"x": test})["y"]
+    np.testing.assert_allclose(got, test @ w + b, rtol=0.05, atol=0.05 * np.abs(test @ w).max())
+
+
 def test_calib_errors(tmp_path):
     proto = matmul_model(rand(16, 8))
     with pytest.raises(UsageError, match="does not exist"):
