@@ -54,7 +54,7 @@ def _median_times(sessions: list, feeds: dict[str, np.ndarray]) -> list[float]:
 
 def model_ms(model: bytes, feeds: dict[str, np.ndarray]) -> float:
     """The median time of a whole model's run on ``feeds``, in ms."""
-    sess = runtime.session(model, optimize=True)
+    sess = runtime.session(model, optimize=True, threads=runtime.every_core())
     wanted = {i.name for i in sess.get_inputs()}
     return _median_times([sess], {k: v for k, v in feeds.items() if k in wanted})[0] * 1e3
 
@@ -62,8 +62,10 @@ def model_ms(model: bytes, feeds: dict[str, np.ndarray]) -> float:
 def faster_ranks(k: int, n: int, rows: int, ranks: list[int]) -> tuple[dict[int, float], float]:
     """The measured time of x·A·B at each of ``ranks`` over that of x·W (x [rows, K]), and the
     full product's time in ms."""
-    sessions = [runtime.session(_model(k, n, None), optimize=True)]
-    sessions += [runtime.session(_model(k, n, r), optimize=True) for r in ranks]
+    sessions = [runtime.session(_model(k, n, None), optimize=True, threads=runtime.every_core())]
+    sessions += [
+        runtime.session(_model(k, n, r), optimize=True, threads=runtime.every_core()) for r in ranks
+    ]
     x = np.random.default_rng(1).standard_normal((rows, k)).astype(np.float32)
     full, *times = _median_times(sessions, {"x": x})
     return {r: t / full for r, t in zip(ranks, times)}, full * 1e3

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import onnx_ir as ir
 
-from onnxopt import io, profile
+from onnxopt import io, profile, runtime
 
 # onnxruntime's names for nodes it made: QDQ fusions (``<node>_token_7``), NCHWc layout (``<output>_nchwc``)
 _MADE_SUFFIX = re.compile(r"(_token_\d+|_nchwc)$")
@@ -36,7 +36,7 @@ def scope_times(
     """
     with tempfile.TemporaryDirectory(prefix="onnxopt-profile-") as folder:
         paths = [io.save(model, Path(folder, f"model{i}.onnx")) for i, model in enumerate(models)]
-        found = profile.profile(paths, feeds)
+        found = profile.profile(paths, feeds, threads=runtime.every_core())
     return [_by_scope(p.kernels, owners) for p in found]
 
 

@@ -354,10 +354,13 @@ class Quantize(OptPass):
         if len(candidates) == 1:
             return False
 
-        def float_wins(times: list[float]) -> bool:  # then a second timing must agree
-            return times[0] <= MIN_GAIN * min(times[1:])
+        def unsure(times: list[float]) -> bool:  # then a second timing must agree
+            int8 = sorted(times[1:])
+            return times[0] <= MIN_GAIN * int8[0] or (
+                len(int8) > 1 and int8[1] < MIN_GAIN * int8[0]
+            )
 
-        ms = dict(zip(candidates, latencies(list(candidates.values()), feeds, float_wins)))
+        ms = dict(zip(candidates, latencies(list(candidates.values()), feeds, unsure)))
         ms["float"] /= MIN_GAIN  # a gain within timing noise is not worth int8's error
         best = min(ms, key=ms.get)
         ms["float"] *= MIN_GAIN

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import onnx_ir as ir
 
-from onnxopt import bench, inputs, io
+from onnxopt import bench, inputs, io, runtime
 from onnxopt.passes._calibrate import first_batch
 from onnxopt.shapes import resolve
 
@@ -41,7 +41,7 @@ def latencies(
     ``again(times)`` says so, each model then keeping its faster measurement."""
     with tempfile.TemporaryDirectory(prefix="onnxopt-tune-") as folder:
         paths = [io.save(m, Path(folder, f"model{i}.onnx")) for i, m in enumerate(models)]
-        settings = bench.Settings(iters=ITERS, warmup=3)
+        settings = bench.Settings(iters=ITERS, warmup=3, threads=runtime.every_core())
         times = [row.stat(STAT) for row in bench.bench(paths, feeds, settings=settings)]
         if again(times):
             retimed = [row.stat(STAT) for row in bench.bench(paths, feeds, settings=settings)]

@@ -14,6 +14,7 @@ import onnxopt
 from onnxopt.errors import UsageError
 from onnxopt.passes import Quantize
 from onnxopt.passes.quant.ort_profile import scope_of
+from onnxopt.passes.quant.search import balanced
 from onnxopt.passes.quant.static import activation_params
 
 RNG = np.random.default_rng(0)
@@ -218,9 +219,28 @@ def test_min_cosine_keeps_the_costliest_scopes_in_float(calib, tmp_path):
     x = np.load(calib)["x"][:8]  # the samples the search holds the budget on
     expected = run_proto(proto, {"x": x})["y"]
 
-    def cos(m):
-        got = run_proto(m, {"x": x})["y"]
-        return float((got * expected).sum() / np.linalg.norm(got) / np.linalg.norm(expected))
+    def cos(m):  # as the search measures it: every output channel weighted alike
+        ref, got = balanced(expected, run_proto(m, {"x": x})["y"])
+        return float((got * ref).sum() / np.linalg.norm(got) / np.linalg.norm(ref))
 
     assert cos(tight) > cos(loose) and cos(tight) >= 0.9999
     assert ops(tight).count("QuantizeLinear") < ops(loose).count("QuantizeLinear")
+
+
+def test_balanced_cosine_sees_small_channels():
+    """[1, 84, anchors]-like: 4 channels in pixels, 80 in [0, 1]. Noise on the small channels
+    hides in a plain cosine and shows once every channel carries the same energy."""
+    rng = np.random.default_rng(3)
+    ref = np.concatenate(
+        [rng.uniform(0, 320, (1, 4, 500)), rng.uniform(0, 0.05, (1, 80, 500))], axis=1
+    )
+    got = ref.copy()
+    got[:, 4:] += rng.normal(0, 0.05, (1, 80, 500))
+
+    def cos(a, b):
+        return float((a * b).sum() / np.linalg.norm(a) / np.linalg.norm(b))
+
+    assert cos(ref, got) > 0.999
+    assert cos(*balanced(ref, got)) < 0.8
+    flat = rng.standard_normal((4, 10))  # rank 2: left as it is
+    assert balanced(flat, flat)[0] is flat
