@@ -48,6 +48,11 @@ QUANTIZED_OPS = {
 }
 MODES = ("dynamic", "static")
 METHODS = ("minmax", "percentile", "entropy")
+# A percentile clips what is rare, and a detector's confident class scores are: YOLOv8n (yolo_calib,
+# defaults otherwise; one yardstick run) with percentile 99.99 needed 23 scopes float to hold the
+# budget and ran 1.221x (detF1 0.9506, score_snr 12.9 dB); with minmax 7 scopes, 1.365x, detF1 0.963,
+# 15.64 dB (onnxruntime's static QDQ in the same run: 1.321x, 0.8889, 0.86 dB).
+DEFAULT_METHOD = "minmax"
 OP_TYPES = ("MatMul", "Gemm", "Gather")
 TUNES = ("latency", "off")
 ACTIVATION_TYPES = ("uint8", "int8")
@@ -133,7 +138,7 @@ class Quantize(OptPass):
         Option(
             "method",
             str,
-            "percentile",
+            DEFAULT_METHOD,
             "how calibration sets ranges",
             choices=METHODS,
             only_with=STATIC,

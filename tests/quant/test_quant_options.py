@@ -73,9 +73,9 @@ def test_dynamic_only_options_are_refused_in_static_mode(options, message):
 
 def test_declared_ranges_and_the_checks_left_by_hand():
     with pytest.raises(UsageError, match=r"option percentile must be within \[50, 100\]"):
-        Quantize(mode="static", calib="random", percentile=101)
+        Quantize(mode="static", calib="random", method="percentile", percentile=101)
     with pytest.raises(UsageError, match=r"percentile must be in \(50, 100\], got 50"):
-        Quantize(mode="static", calib="random", percentile=50)
+        Quantize(mode="static", calib="random", method="percentile", percentile=50)
     with pytest.raises(UsageError, match=r"min_cosine must be in \(0, 1\], got 0"):
         Quantize(min_cosine=0)
     with pytest.raises(UsageError, match="option activation_type takes one of uint8, int8"):
@@ -130,8 +130,6 @@ def test_passes_lists_each_pass_options(capsys):
     assert cli("passes", "quant") == 0
     out = capsys.readouterr().out
     assert "mode: str = 'dynamic'  one of dynamic|static" in out
-    assert (
-        "method: str = 'percentile'  one of minmax|percentile|entropy  only with mode=static" in out
-    )
+    assert "method: str = 'minmax'  one of minmax|percentile|entropy  only with mode=static" in out
     assert "op_types: list of str (separated by ;)" in out and "bits: int = 8" in out
     assert "block:" not in out and "keep_8bit" not in out
