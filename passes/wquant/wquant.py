@@ -285,6 +285,7 @@ def quantize_int4(model: ir.Model, options: WeightQuantize, shapes=None) -> Quan
     or all with bits=8) as the ``options`` of a WeightQuantize say; ``shapes`` are the user's input
     shapes, for the check of an opset raise (format=qdq)."""
     result = Quantized()
+    _untranspose_weights(model, options)
     if not any(_target(n, options) for g in model.graphs() for n in g):
         return result
     if options.format == "qdq":
@@ -316,6 +317,30 @@ def quantize_int4(model: ir.Model, options: WeightQuantize, shapes=None) -> Quan
     unique_names(model)
     result.modified = True
     return result
+
+
+def _untranspose_weights(model: ir.Model, options) -> None:
+    """MatMul(x, Transpose(C)) with C a constant [N, K] reads C as its weight [K, N]: a decoder's
+    head tied to its embedding table (SmolLM2's [49152, 576], 113 MB, stayed fp32 behind its
+    Transpose). The MatMul then reads C's transpose as a constant of its own (a view of C's data
+    until it is quantized), and the table is quantized once for the Gather and once for the head."""
+    for graph in model.graphs():
+        for node in list(graph):
+            if not is_standard(node, "MatMul") or options.excluded(node):
+                continue
+            t = node.inputs[1].producer() if node.inputs[1] is not None else None
+            if t is None or not is_standard(t, "Transpose") or t.graph is not graph:
+                continue
+            c = constant(t.inputs[0])
+            perm = t.attributes.get_ints("perm", [1, 0])
+            if c is None or c.dtype != np.float32 or c.ndim != 2 or list(perm) != [1, 0]:
+                continue
+            base = t.inputs[0].name or "weight"
+            weight = add_initializer(graph, c.T, fresh_name(graph, base, "transposed"))
+            node.replace_input_with(1, weight)
+            if not _target(node, options):  # left as it was: no float copy of the table
+                node.replace_input_with(1, t.outputs[0])
+                graph.initializers.pop(weight.name)
 
 
 def _int4_one(node: ir.Node, options: WeightQuantize) -> None:

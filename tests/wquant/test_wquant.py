@@ -397,3 +397,52 @@ def test_auto_defaults_use_the_calibration_data_when_given():
     assert (plain.int4_algo, plain.auto_8bit) == ("rtn", False)  # data-free: nothing to refuse
     assert (calibrated.int4_algo, calibrated.auto_8bit) == ("gptq", True)
     assert Quantize(bits=4, calib="random", algo="hqq", keep_8bit="").int4_algo == "hqq"
+
+
+def tied_decoder(table):
+    """ids → Gather(table) → MatMul(·, Transpose(table)): a head tied to the embedding table."""
+    v, d = table.shape
+    return make_model(
+        [
+            helper.make_node("Gather", ["table", "ids"], ["h"], name="embed"),
+            helper.make_node("Transpose", ["table"], ["table_t"], perm=[1, 0], name="tie"),
+            helper.make_node("MatMul", ["h", "table_t"], ["logits"], name="lm_head"),
+        ],
+        [("ids", TensorProto.INT64, [2, 3])],
+        [("logits", F, [2, 3, v])],
+        {"table": table},
+    )
+
+
+@pytest.mark.parametrize("fmt", ["ort", "qdq"])
+def test_a_head_tied_through_transpose_is_quantized(fmt):
+    """The table is quantized for the lookup and, as its transpose, for the head; no float copy is
+    left, and the logits are the dequantized rows times the dequantized head."""
+    table = rand(40, 64)
+    options = {"format": fmt, **({"accuracy_level": 0} if fmt == "ort" else {})}
+    model, result = quantize(tied_decoder(table), **options)
+    floats = [
+        v for v in model.graph.initializers.values() if v.const_value.dtype == ir.DataType.FLOAT
+    ]
+    assert all(v.const_value.size < table.size for v in floats)
+    assert "Transpose" not in ops(model)
+    assert {"embed", "lm_head"} <= {r["layer"] for r in result.rows}
+    head = rtn(table.T, BLOCK, True).dequantize()  # [K=64, N=40]
+    rows = rtn(table.T, BLOCK, True).dequantize().T[IDS_TIED]
+    got = run_proto(model, {"ids": IDS_TIED})["logits"]
+    np.testing.assert_allclose(got, rows @ head, rtol=1e-4, atol=1e-4)
+    if fmt == "ort":
+        assert {"MatMulNBits", "GatherBlockQuantized"} <= set(ops(model))
+
+
+IDS_TIED = np.array([[0, 39, 3], [2, 2, 17]], np.int64)
+
+
+def test_a_transposed_weight_the_pass_skips_stays_as_it_was():
+    """A Transpose of a constant the pass would not quantize (excluded): no float copy is added."""
+    table = rand(40, 64)
+    model = ir.serde.deserialize_model(tied_decoder(table))
+    Quantize(bits=4, exclude=["lm_head"])(model)
+    assert "Transpose" in ops(model)
+    assert not any("transposed" in name for name in model.graph.initializers)
+    assert model.graph.initializers["table"].const_value.shape == table.shape
