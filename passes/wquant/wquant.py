@@ -420,7 +420,10 @@ def _algorithm(w: np.ndarray, options, algo: str, hessian: np.ndarray | None) ->
 def _release(value: ir.Value) -> None:
     """Unmap a weight read from external data once it is quantized."""
     if isinstance(value.const_value, ir.ExternalTensor):
-        value.const_value.release()
+        try:
+            value.const_value.release()
+        except BufferError:  # a view of it is still to be quantized (a tied head's transpose)
+            pass
 
 
 def _matmul(

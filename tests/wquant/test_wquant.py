@@ -10,6 +10,7 @@ import pytest
 from helpers import F, make_model, ops, run_proto
 from onnx import TensorProto, helper
 
+import onnxopt
 from onnxopt.errors import UsageError
 from onnxopt.passes import Quantize
 from onnxopt.passes.wquant.algos import BLOCK_8BIT, SYMMETRIC_ZERO, block_8bit, rtn, rtn_8bit
@@ -446,3 +447,15 @@ def test_a_transposed_weight_the_pass_skips_stays_as_it_was():
     assert "Transpose" in ops(model)
     assert not any("transposed" in name for name in model.graph.initializers)
     assert model.graph.initializers["table"].const_value.shape == table.shape
+
+
+def test_a_tied_table_in_external_data(tmp_path):
+    """The table is mapped from external data: unmapping it after the lookup is quantized must wait
+    for the head, which still reads a view of it (a BufferError before)."""
+    table = rand(40, 64)
+    path = tmp_path / "tied.onnx"
+    onnx.save(tied_decoder(table), str(path), save_as_external_data=True, size_threshold=0)
+    model, _ = onnxopt.optimize(str(path), ["quant(bits=4,symmetric=true)"], check=False)
+    head = rtn(table.T, BLOCK, True).dequantize()
+    got = run_proto(model, {"ids": IDS_TIED})["logits"]
+    np.testing.assert_allclose(got, head.T[IDS_TIED] @ head, rtol=1e-4, atol=1e-4)
