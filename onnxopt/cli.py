@@ -442,8 +442,8 @@ def validate_cmd(
     "profile_top",
     type=click.IntRange(min=0),
     default=0,
-    help="Also profile the models in onnxruntime (runs alternately) and print kernel time by op "
-    "type and the N scopes whose time differs most from the first model's.",
+    help="Also profile the models in onnxruntime (runs alternately, on the first --ep) and print "
+    "kernel time by op type and the N scopes whose time differs most from the first model's.",
 )
 @click.option(
     "--json", "as_json", is_flag=True, help="Print JSON for machines instead of the table."

@@ -67,9 +67,14 @@ class Profile:
         return dict(found)
 
 
+def unmade(name: str) -> str:
+    """A kernel's node name without the suffix onnxruntime or a quantizer added to it."""
+    return _MADE_SUFFIX.sub("", name)
+
+
 def scope_of(name: str) -> str:
     """The module path of a node name, with onnxruntime's and quantizers' suffixes taken off."""
-    name = _MADE_SUFFIX.sub("", name)
+    name = unmade(name)
     return name.rsplit("/", 1)[0] if "/" in name.strip("/") else name
 
 

@@ -242,7 +242,7 @@ def _replace(node: ir.Node, new: list[ir.Node], out: ir.Value | None = None) -> 
     """``new`` (in order) computes what ``node`` did; its last node (or ``out``) takes over
     ``node``'s output."""
     node.graph.insert_before(node, new)
-    old, out = node.outputs[0], out or new[-1].outputs[0]
+    old, out = node.outputs[0], new[-1].outputs[0] if out is None else out
     out.shape, out.type = old.shape, old.type
     replace_value(old, out)
     node.graph.remove(node, safe=True)

@@ -3,7 +3,6 @@ the model the pass rewrote."""
 
 from __future__ import annotations
 
-import re
 import tempfile
 from collections import defaultdict
 from pathlib import Path
@@ -12,18 +11,12 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxopt import io, profile, runtime
-
-# onnxruntime's names for nodes it made: QDQ fusions (``<node>_token_7``), NCHWc layout (``<output>_nchwc``)
-_MADE_SUFFIX = re.compile(r"(_token_\d+|_nchwc)$")
+from onnxopt.profile import scope_of
 
 
 def scope(node: ir.Node) -> str:
     """The exporter's module path of a node (``/model.2/m.0/cv1/conv/Conv`` → ``/model.2/m.0/cv1/conv``)."""
     return scope_of(node.name or node.outputs[0].name or "")
-
-
-def scope_of(name: str) -> str:
-    return name.rsplit("/", 1)[0] if "/" in name.strip("/") else name
 
 
 def scope_times(
@@ -48,7 +41,7 @@ def _by_scope(kernels: list[profile.Kernel], owners: dict[str, str]) -> dict[str
 
 
 def _owner_of(name: str, owners: dict[str, str]) -> str:
-    name = _MADE_SUFFIX.sub("", name)
+    name = profile.unmade(name)
     while name:
         if name in owners:
             return owners[name]
