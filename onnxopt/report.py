@@ -230,12 +230,16 @@ def profile_tables(profiles: list, top: int = 20) -> list[Table]:
     _add(by_op, "total", *(f"{p.total_us / 1e3:.3f}" for p in profiles))
     scopes = [p.by_scope() for p in profiles]
     first = scopes[0]
-    spread = sorted(
+    spread = sorted(  # by how much they differ from the first model, then by time
         set().union(*scopes),
-        key=lambda s: -max(abs(d.get(s, 0.0) - first.get(s, 0.0)) for d in scopes),
+        key=lambda s: (
+            -max(abs(d.get(s, 0.0) - first.get(s, 0.0)) for d in scopes),
+            -max(d.get(s, 0.0) for d in scopes),
+        ),
     )
+    which = f"that differ most from {names[0]}" if len(profiles) > 1 else "slowest"
     by_scope = _table(
-        f"kernel time by scope, ms per run (the {top} that differ most from {names[0]})",
+        f"kernel time by scope, ms per run (the {top} {which})",
         ["scope", *names],
         left=("scope",),
     )
