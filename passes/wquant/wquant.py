@@ -46,8 +46,10 @@ from onnxopt.passes.wquant.algos import Blocks, block_8bit, rtn_8bit
 from onnxopt.passes.wquant.gather import (
     gather_block_quantized,
     gather_then_dequantize,
+    shared_block_quantized,
     table_initializers,
 )
+from onnxopt.passes.wquant.level import measured_level, set_level
 from onnxopt.passes.wquant.mixed import auto_8bit, weight_of
 from onnxopt.passes.wquant.pack import nbits_layout, qdq_layout
 
@@ -124,14 +126,14 @@ class WeightQuantize(OptPass):
         ),
         Option(
             "accuracy_level",
-            int,
-            0,
-            "MatMulNBits' least precision of its input: 0 as given, 1 fp32, 2 fp16, 3 bf16, 4 int8. "
-            "0 because on an AVX2 CPU without VNNI 4 was no faster at batch 1 and 10% slower at "
-            "batch 32 on MiniLM, for the same accuracy; 8-bit layers (keep_8bit) take 4 at 0, their "
-            "fast kernel on CPU; try 4 on CPUs with VNNI or ARM dot products",
-            low=0,
-            high=4,
+            str,
+            AUTO,
+            "MatMulNBits' least precision of its input: 0 as given, 1 fp32, 2 fp16, 3 bf16, 4 int8; "
+            "auto: 0 or 4, whichever the model runs faster at on this CPU, timed on one row and on "
+            "128 (a decoder's step ran 2.06x fp32's speed at 4, 1.32x at 0, on AVX2 without VNNI; "
+            "MiniLM at batch 32 was 10% slower at 4). 8-bit layers (keep_8bit) take 4 unless a level "
+            "is given: their fast kernel on CPU",
+            choices=(AUTO, "0", "1", "2", "3", "4"),
             only_with={"format": ("ort",)},
         ),
         Option(
@@ -230,9 +232,15 @@ class WeightQuantize(OptPass):
         refuse_quantized(model, self.name)
         lift_constants(model)
         infer_shapes(model)  # the targets' activations must be known to be float
-        result = quantize_int4(model, self, run_context().shapes)
+        shapes = run_context().shapes
+        result = quantize_int4(model, self, shapes)
+        notes = self._notes(result)
+        if result.modified and self.format == "ort" and self.accuracy_level == AUTO:
+            level, note = measured_level(model, shapes)
+            set_level(model, level)
+            notes += [note] if note else []
         rows = layers(model, lambda node: _why_float(node, self), result.layers)
-        return Outcome(model, result.modified, self._notes(result), rows, self.budget)
+        return Outcome(model, result.modified, notes, rows, self.budget)
 
     def _notes(self, result: Quantized) -> list[str]:
         notes = []
@@ -252,6 +260,11 @@ class WeightQuantize(OptPass):
         if self.bits == 8 and "min_cosine" not in self.given:
             return INT8_MIN_COSINE
         return self.min_cosine
+
+    @property
+    def level(self) -> int:
+        """accuracy_level as a number; 0 for auto until the pass has timed it."""
+        return 0 if self.accuracy_level == AUTO else int(self.accuracy_level)
 
     @property
     def int4_algo(self) -> str:
@@ -285,12 +298,18 @@ def quantize_int4(model: ir.Model, options: WeightQuantize, shapes=None) -> Quan
     or all with bits=8) as the ``options`` of a WeightQuantize say; ``shapes`` are the user's input
     shapes, for the check of an opset raise (format=qdq)."""
     result = Quantized()
-    _untranspose_weights(model, options)
+    tied = _untranspose_weights(model, options) if options.format == "ort" else {}
+    if options.format == "qdq":
+        _untranspose_weights(model, options)  # the head's layout is not the table's: stored apart
     if not any(_target(n, options) for g in model.graphs() for n in g):
         return result
     if options.format == "qdq":
         raise_opset(model, QDQ_OPSET, dict(shapes or {}), "format=qdq")
-    targets = [n for g in model.graphs() for n in g if _target(n, options)]
+    # MatMuls first: a tied head's blocks are then there for its table's lookup to share
+    targets = sorted(
+        (n for g in model.graphs() for n in g if _target(n, options)),
+        key=lambda n: n.op_type == "Gather",
+    )
     algo = options.int4_algo
     hessians = (
         _hessians(model, targets, options.calib) if algo == "gptq" and options.bits == 4 else {}
@@ -310,7 +329,15 @@ def quantize_int4(model: ir.Model, options: WeightQuantize, shapes=None) -> Quan
         elif node.op_type == "Gather":
             _gather(node, options, algo, done, result.layers)
         else:
-            _matmul(node, options, algo, hessians.get(node.inputs[0].name), done, result.layers)
+            _matmul(
+                node,
+                options,
+                algo,
+                hessians.get(node.inputs[0].name),
+                done,
+                result.layers,
+                source=tied.get(node.inputs[1]),
+            )
     if options.format == "ort":
         model.opset_imports.setdefault(MS_DOMAIN, 1)
     remove_unused(model)
@@ -319,11 +346,13 @@ def quantize_int4(model: ir.Model, options: WeightQuantize, shapes=None) -> Quan
     return result
 
 
-def _untranspose_weights(model: ir.Model, options) -> None:
+def _untranspose_weights(model: ir.Model, options) -> dict[ir.Value, ir.Value]:
     """MatMul(x, Transpose(C)) with C a constant [N, K] reads C as its weight [K, N]: a decoder's
     head tied to its embedding table (SmolLM2's [49152, 576], 113 MB, stayed fp32 behind its
     Transpose). The MatMul then reads C's transpose as a constant of its own (a view of C's data
-    until it is quantized), and the table is quantized once for the Gather and once for the head."""
+    until it is quantized). Returns each such weight's C: with format=ort the head's 4-bit blocks
+    are then also the table's, stored once (see ``_gather``)."""
+    tied = {}
     for graph in model.graphs():
         for node in list(graph):
             if not is_standard(node, "MatMul") or options.excluded(node):
@@ -341,6 +370,9 @@ def _untranspose_weights(model: ir.Model, options) -> None:
             if not _target(node, options):  # left as it was: no float copy of the table
                 node.replace_input_with(1, t.outputs[0])
                 graph.initializers.pop(weight.name)
+            else:
+                tied[weight] = t.inputs[0]
+    return tied
 
 
 def _int4_one(node: ir.Node, options: WeightQuantize) -> None:
@@ -434,11 +466,13 @@ def _matmul(
     done: dict,
     found: dict,
     bits: int = 4,
+    source: ir.Value | None = None,
 ) -> None:
-    """``node``'s B as ``bits``-bit blocks (``algo``'s at 4 bits), its report row into ``found``."""
+    """``node``'s B as ``bits``-bit blocks (``algo``'s at 4 bits), its report row into ``found``.
+    ``source``: the table whose transpose B is (a tied head); its lookup will share these blocks."""
     b = node.inputs[1]
     shape = tuple(b.const_value.shape)
-    key = (node.graph, b, bits)
+    key = (node.graph, source or b, bits)
     if key not in done:
         if bits == 8:
             blocks, mse = _blocks(
@@ -450,6 +484,8 @@ def _matmul(
             )
         _release(b)
         done[key] = _quantized_weight(node, blocks, options, shape), _layer(blocks, mse)
+        if source is not None and bits == 4:
+            done[key, "zero"] = None if blocks.symmetric else blocks.zero
     quantized, layer = done[key]
     _report(found, node, layer)
     if options.format == "qdq":
@@ -541,8 +577,8 @@ def _matmul_nbits(
 ) -> list[ir.Node]:
     base = node.name or node.outputs[0].name or "matmul"
     attributes = {"K": k, "N": n, "bits": bits, "block_size": block}
-    level = options.accuracy_level or (INT8_ACCURACY_LEVEL if bits == 8 else 0)
-    if level:  # left out at 0, as onnxruntime's quantizer does: other providers may not know it
+    level = options.level or (INT8_ACCURACY_LEVEL if bits == 8 else 0)
+    if level:  # left out at 0 (and for auto to set), as onnxruntime's quantizer does: other providers may not know it
         attributes["accuracy_level"] = level
     x = node.inputs[0]
     inputs = [x, packed, scales] + ([zeros] if zeros is not None else [])
@@ -559,7 +595,12 @@ def _matmul_nbits(
 
 
 def _gather(node: ir.Node, options, algo: str, done: dict, found: dict) -> None:
-    key = (node.graph, node.inputs[0])
+    key = (node.graph, node.inputs[0], 4)
+    if (key, "zero") in done and node.inputs[0].const_value.shape[1] % options.block == 0:
+        (packed, scales, _), layer = done[key]
+        _report(found, node, layer)
+        shared_block_quantized(node, packed, scales, done[key, "zero"], options.block)
+        return
     if key not in done:
         blocks, mse = _blocks(
             constant(node.inputs[0]).T, lambda w: _algorithm(w, options, algo, None)

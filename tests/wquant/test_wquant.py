@@ -259,7 +259,8 @@ def test_keep_8bit_is_weight_only_8bit_blocks(fmt):
         [("y", F, [2, N])],
         {"w1": w1, "w2": w2},
     )
-    model, result = quantize(proto, keep_8bit="b", format=fmt)
+    level = {"accuracy_level": 0} if fmt == "ort" else {}
+    model, result = quantize(proto, keep_8bit="b", format=fmt, **level)
     assert "MatMulInteger" not in ops(model) and "DynamicQuantizeLinear" not in ops(
         model
     )  # activations stay float
@@ -325,7 +326,7 @@ def test_8bit_blocks_are_symmetric_codes_about_128():
         ({"algo": "gptq"}, "needs calib"),
         ({"algo": "awq"}, "option algo takes one of auto, rtn, hqq, gptq, got 'awq'"),
         ({"format": "gguf"}, "option format takes one of ort, qdq, got 'gguf'"),
-        ({"accuracy_level": 5}, r"option accuracy_level must be within \[0, 4\], got 5"),
+        ({"accuracy_level": 5}, r"option accuracy_level takes one of auto, 0, 1, 2, 3, 4, got 5"),
         ({"mode": "static", "calib": "random"}, "mode=static does not apply"),
         ({"keep_8bit": "auto"}, "keep_8bit=auto needs calib"),
     ],
@@ -434,6 +435,13 @@ def test_a_head_tied_through_transpose_is_quantized(fmt):
     np.testing.assert_allclose(got, rows @ head, rtol=1e-4, atol=1e-4)
     if fmt == "ort":
         assert {"MatMulNBits", "GatherBlockQuantized"} <= set(ops(model))
+        # one packed table, read by both; its zero points are the lookup's own (packed apart)
+        packed = [
+            v
+            for v in model.graph.initializers.values()
+            if v.const_value.dtype == ir.DataType.UINT8 and v.const_value.size >= table.size // 2
+        ]
+        assert len(packed) == 1 and packed[0].const_value.shape == (40, 64 // BLOCK, BLOCK // 2)
 
 
 IDS_TIED = np.array([[0, 39, 3], [2, 2, 17]], np.int64)

@@ -1,0 +1,74 @@
+"""accuracy_level=auto: MatMulNBits' level timed on this CPU, 0 or 4, whichever runs faster."""
+
+import numpy as np
+import onnx_ir as ir
+import pytest
+from onnx import TensorProto, helper
+
+from onnxopt.passes import Quantize
+from onnxopt.passes.wquant import level
+from tests.helpers import make_model, run_proto
+
+F = TensorProto.FLOAT
+pytestmark = pytest.mark.auto_level
+
+
+def decoder_like():
+    """ids [batch, sequence] → embedding → two MatMuls: a dynamic row count, as a decoder has."""
+    rng = np.random.default_rng(0)
+    return make_model(
+        [
+            helper.make_node("Gather", ["table", "ids"], ["h"], name="embed"),
+            helper.make_node("MatMul", ["h", "w1"], ["a"], name="up"),
+            helper.make_node("MatMul", ["a", "w2"], ["y"], name="down"),
+        ],
+        [("ids", TensorProto.INT64, ["batch", "sequence"])],
+        [("y", F, ["batch", "sequence", 64])],
+        {
+            "table": rng.standard_normal((100, 64)).astype(np.float32),
+            "w1": rng.standard_normal((64, 128)).astype(np.float32),
+            "w2": rng.standard_normal((128, 64)).astype(np.float32),
+        },
+    )
+
+
+def levels(model):
+    return [
+        n.attributes.get_int("accuracy_level", 0) for n in model.graph if n.op_type == "MatMulNBits"
+    ]
+
+
+@pytest.mark.parametrize("int8_time, chosen", [(0.5, 4), (1.5, 0)])
+def test_auto_keeps_the_faster_level(monkeypatch, int8_time, chosen):
+    timed = []
+
+    def fake(models, feeds, iters):
+        timed.append(feeds["ids"].shape)
+        assert levels(models[0]) == [0, 0] and levels(models[1]) == [4, 4]
+        return [1.0, int8_time]
+
+    monkeypatch.setattr(level, "latencies", fake)
+    model = ir.serde.deserialize_model(decoder_like())
+    result = Quantize(bits=4)(model)
+    assert levels(model) == [chosen, chosen]
+    assert timed == [(1, 1), (1, level.SEQUENCE)]  # one row, then 128
+    assert f"accuracy_level=auto chose {chosen}" in " ".join(result.notes)
+
+
+def test_a_given_level_is_not_timed(monkeypatch):
+    monkeypatch.setattr(level, "latencies", lambda *a, **k: pytest.fail("timed"))
+    model = ir.serde.deserialize_model(decoder_like())
+    Quantize(bits=4, accuracy_level=4)(model)
+    assert levels(model) == [4, 4]
+
+
+def test_auto_times_for_real_and_the_outputs_hold():
+    proto = decoder_like()
+    model = ir.serde.deserialize_model(proto)
+    result = Quantize(bits=4)(model)
+    assert len(set(levels(model))) == 1 and levels(model)[0] in (0, 4)
+    ids = np.array([[1, 5, 99]], np.int64)
+    ref = run_proto(proto, {"ids": ids})["y"]
+    got = run_proto(ir.serde.serialize_model(model), {"ids": ids})["y"]
+    cos = np.sum(ref * got) / np.linalg.norm(ref) / np.linalg.norm(got)
+    assert cos > 0.98, result.notes
