@@ -183,7 +183,21 @@ def _rss(path: Path, threads: int) -> None:
     ids = np.arange(1, WINDOW + 1, dtype=np.int64)[None]
     _, past = d.run(ids)
     d.run(ids[:, :1], past)
-    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    print(_high_water_mb())
+
+
+def _high_water_mb() -> float:
+    """Peak RSS of this process. Not getrusage's ru_maxrss: Linux keeps that across exec, so a child
+    started by a parent holding every model reports the parent's peak; /proc's VmHWM is per image."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (
+        1 << 20 if sys.platform == "darwin" else 1024
+    )
 
 
 def write_ort_models(fp32: Path, folder: Path) -> list[Path]:

@@ -49,7 +49,7 @@ def measured_level(model: ir.Model, shapes: dict[str, list[int]] | None) -> tupl
     set_level(trial, INT8)
     ratios, seen = {}, []
     for rows in ITERS:
-        chosen = resolve(model, dict(shapes or {}), prefer=rows)
+        chosen = resolve(model, dict(shapes or {}), prefer=rows, prefill=1)  # 1: a decode step
         if chosen.shapes in seen:  # the user's shapes leave no dim to vary
             continue
         seen.append(chosen.shapes)
