@@ -7,7 +7,7 @@ from onnx import TensorProto, helper
 
 from onnxopt.passes import Quantize
 from onnxopt.passes.wquant import level
-from tests.helpers import make_model, run_proto
+from helpers import make_model, run_proto
 
 F = TensorProto.FLOAT
 pytestmark = pytest.mark.auto_level
