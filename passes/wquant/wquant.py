@@ -312,15 +312,13 @@ def quantize_int4(model: ir.Model, options: WeightQuantize, shapes=None) -> Quan
     )
     algo = options.int4_algo
     hessians = (
-        _hessians(model, targets, options.calib) if algo == "gptq" and options.bits == 4 else {}
+        _hessians(model, targets, options.calib)
+        if options.bits == 4 and (algo == "gptq" or options.auto_8bit)
+        else {}
     )
     # a weight read by several nodes is quantized once per graph and width
     done: dict[tuple, tuple] = {}
-    auto = (
-        auto_8bit(model, targets, options, lambda node: _int4_one(node, options))
-        if options.auto_8bit
-        else set()
-    )
+    auto = auto_8bit(targets, options, hessians) if options.auto_8bit else set()
     for node in targets:
         if node in auto or options.keeps_8bit(node):
             if options.bits == 4:
@@ -373,14 +371,6 @@ def _untranspose_weights(model: ir.Model, options) -> dict[ir.Value, ir.Value]:
             else:
                 tied[weight] = t.inputs[0]
     return tied
-
-
-def _int4_one(node: ir.Node, options: WeightQuantize) -> None:
-    """``node`` alone to 4 bits by round to nearest (for keep_8bit=auto's trials)."""
-    if node.op_type == "Gather":
-        _gather(node, options, "rtn", {}, {})
-    else:
-        _matmul(node, options, "rtn", None, {}, {})
 
 
 def _target(node: ir.Node, options) -> bool:
