@@ -40,12 +40,16 @@ def test_a_tiny_gqa_decoder_matches_numpy_dequantization(fmt):
         before.count(op) + added.get(op, 0) for op in UNTOUCHED
     ]
     assert after.count("MatMul") == before.count("MatMul") - (15 if fmt == "ort" else 0)
-    assert "lm_head" in {r["layer"] for r in result.rows} and "embed" in {r["layer"] for r in result.rows}
+    assert "lm_head" in {r["layer"] for r in result.rows} and "embed" in {
+        r["layer"] for r in result.rows
+    }
     got = run_proto(model, {"input_ids": IDS})["logits"]
     want = run_proto(decoder(weights=dequantized(arrays)), {"input_ids": IDS})["logits"]
     assert got.shape == (1, SEQ, VOCAB)
     np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-3 * np.abs(want).max())
-    floats = [v for v in model.graph.initializers.values() if v.const_value.dtype == ir.DataType.FLOAT]
+    floats = [
+        v for v in model.graph.initializers.values() if v.const_value.dtype == ir.DataType.FLOAT
+    ]
     assert all(v.const_value.size < arrays["table"].size for v in floats)  # no float table left
 
 

@@ -3,11 +3,11 @@
 import numpy as np
 import onnx_ir as ir
 import pytest
+from helpers import make_model, run_proto
 from onnx import TensorProto, helper
 
 from onnxopt.passes import Quantize
 from onnxopt.passes.wquant import level
-from helpers import make_model, run_proto
 
 F = TensorProto.FLOAT
 pytestmark = pytest.mark.auto_level

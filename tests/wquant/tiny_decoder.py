@@ -84,7 +84,9 @@ def _layer(i: int, x: str, nodes: list) -> str:
     _rms_norm(x, f"{p}.n1", nodes)
     for name, shape in (("q", "q_shape"), ("k", "kv_shape"), ("v", "kv_shape")):
         nodes += [
-            helper.make_node("MatMul", [f"{p}.n1", f"{name}{i}"], [f"{p}.{name}"], name=f"{p}.{name}_proj"),
+            helper.make_node(
+                "MatMul", [f"{p}.n1", f"{name}{i}"], [f"{p}.{name}"], name=f"{p}.{name}_proj"
+            ),
             helper.make_node("Reshape", [f"{p}.{name}", shape], [f"{p}.{name}4"]),
             helper.make_node("Transpose", [f"{p}.{name}4"], [f"{p}.{name}h"], perm=[0, 2, 1, 3]),
         ]
