@@ -350,7 +350,7 @@ def _untranspose_weights(model: ir.Model, options) -> dict[ir.Value, ir.Value]:
     Transpose). The MatMul then reads C's transpose as a constant of its own (a view of C's data
     until it is quantized). Returns each such weight's C: with format=ort the head's 4-bit blocks
     are then also the table's, stored once (see ``_gather``)."""
-    tied = {}
+    tied = _gemms_as_matmuls(model, options)
     for graph in model.graphs():
         for node in list(graph):
             if not is_standard(node, "MatMul") or options.excluded(node):
@@ -370,6 +370,50 @@ def _untranspose_weights(model: ir.Model, options) -> dict[ir.Value, ir.Value]:
                 graph.initializers.pop(weight.name)
             else:
                 tied[weight] = t.inputs[0]
+    return tied
+
+
+def _gemms_as_matmuls(model: ir.Model, options) -> dict[ir.Value, ir.Value]:
+    """Gemm(x, B, C) with a constant float32 B (alpha and beta 1, x not transposed) becomes MatMul(x,
+    W) + C, W being B or, with transB=1 (a head exported as a Linear), a view of B's transpose, so the
+    pass quantizes it as any MatMul; left as it was when the MatMul is not a target. Returns each
+    transposed W's B, which a lookup of the same table then shares (see ``_untranspose_weights``)."""
+    tied = {}
+    for graph in model.graphs():
+        for gemm in list(graph):
+            a = gemm.attributes
+            if (
+                not is_standard(gemm, "Gemm")
+                or options.excluded(gemm)
+                or a.get_int("transA", 0)
+                or a.get_float("alpha", 1.0) != 1.0
+                or a.get_float("beta", 1.0) != 1.0
+            ):
+                continue
+            b = constant(gemm.inputs[1])
+            if b is None or b.dtype != np.float32 or b.ndim != 2:
+                continue
+            transposed = bool(a.get_int("transB", 0))
+            weight = add_initializer(
+                graph,
+                b.T if transposed else b,
+                fresh_name(graph, gemm.inputs[1].name, "transposed" if transposed else "matmul"),
+            )
+            matmul = ir.node("MatMul", [gemm.inputs[0], weight], name=gemm.name)
+            if not _target(matmul, options):
+                graph.initializers.pop(weight.name)
+                continue
+            new = [matmul]
+            if len(gemm.inputs) > 2 and gemm.inputs[2] is not None:
+                new.append(
+                    ir.node("Add", [matmul.outputs[0], gemm.inputs[2]], name=f"{gemm.name}.bias")
+                )
+            source = gemm.inputs[1]
+            matmul.outputs[0].type = ir.TensorType(ir.DataType.FLOAT)
+            matmul.outputs[0].shape = gemm.outputs[0].shape
+            _replace(gemm, new)
+            if transposed:
+                tied[weight] = source
     return tied
 
 
@@ -647,6 +691,8 @@ def _why_float(node: ir.Node, options: WeightQuantize) -> str | None:
     """Why a Conv, MatMul or Gemm stayed float (the report's rows)."""
     if options.excluded(node):
         return f"matches exclude={LIST.join(options.exclude)}"
+    if node.op_type == "Gemm":
+        return "a Gemm is quantized only with a constant float32 B, alpha = beta = 1 and transA = 0"
     if node.op_type != "MatMul":
         return f"{node.op_type} is not quantized weight-only: MatMul weights and tables are"
     if node.op_type not in options.op_types:

@@ -72,3 +72,36 @@ def test_calibration_runs_the_model_once_per_batch_whatever_the_depth(tmp_path, 
         result = Quantize(bits=4, calib=str(tmp_path / "calib.npz"))(model)
         assert result.modified and any(r["layer"] == "l0.q_proj" for r in result.rows)
     assert runs[0] == runs[1] > 0, runs
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_a_gemm_head_with_trans_b_shares_the_table(bias):
+    """Gemm(h, table, transB=1) (a head exported as a Linear on 2-D rows) becomes a 4-bit MatMul,
+    plus its bias, and its table's lookup reads the same packed blocks."""
+    from helpers import F, make_model
+    from onnx import TensorProto, helper
+
+    rng = np.random.default_rng(3)
+    table = rng.standard_normal((40, 64)).astype(np.float32)
+    c = rng.standard_normal(40).astype(np.float32)
+    inputs = ["h", "table"] + (["c"] if bias else [])
+    proto = make_model(
+        [
+            helper.make_node("Gather", ["table", "ids"], ["h"], name="embed"),
+            helper.make_node("Gemm", inputs, ["logits"], name="head", transB=1),
+        ],
+        [("ids", TensorProto.INT64, [3])],
+        [("logits", F, [3, 40])],
+        {"table": table, **({"c": c} if bias else {})},
+    )
+    model = ir.serde.deserialize_model(proto)
+    Quantize(bits=4, symmetric=True)(model)
+    assert "Gemm" not in ops(model) and {"MatMulNBits", "GatherBlockQuantized"} <= set(ops(model))
+    packed = [
+        v for v in model.graph.initializers.values() if v.const_value.dtype == ir.DataType.UINT8
+    ]
+    assert len(packed) == 1
+    ids = np.array([0, 7, 39], np.int64)
+    w = rtn(table.T, BLOCK, True).dequantize()  # [64, 40]
+    want = w.T[ids] @ w + (c if bias else 0)
+    np.testing.assert_allclose(run_proto(model, {"ids": ids})["logits"], want, rtol=1e-4, atol=1e-4)

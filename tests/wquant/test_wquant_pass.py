@@ -132,7 +132,7 @@ def test_a_regex_with_a_bar_stays_one_regex():
     model, result = run(Quantize(bits=4, keep_8bit="(v|k)_proj"))
     assert sorted(
         n.attributes["bits"].value for n in model.graph if n.op_type == "MatMulNBits"
-    ) == [4, 8, 8]
+    ) == [4, 4, 8, 8]  # the Gemm head too
 
 
 def test_list_options_as_python_lists():
@@ -156,10 +156,7 @@ def test_a_run_returns_notes_rows_and_budget_and_leaves_the_pass_as_it_was():
         "e",
     )
     assert (rows["v_proj"]["weight"], rows["v_proj"]["bits"]) == ("int8", 8)
-    assert (
-        rows["head"]["why_float"]
-        == "Gemm is not quantized weight-only: MatMul weights and tables are"
-    )
+    assert (rows["head"]["op"], rows["head"]["weight"]) == ("MatMul", "uint4")  # a Gemm before
     assert {c.header for c in WeightQuantize.columns} >= {"block", "weight MSE", "weight scale"}
     assert result.notes == ["kept 1 nodes (v_proj) at 8 bits (keep_8bit)"]
     assert run(WeightQuantize(min_cosine=0.9))[1].fidelity == 0.9
@@ -171,13 +168,14 @@ def test_quantize_int4_returns_what_it_did():
     infer_shapes(model)  # as the pass does first: MatMuls need inputs known to be float
     done = quantize_int4(model, WeightQuantize(keep_8bit=["k_proj"]))
     assert done.modified and done.kept_8bit == ["k_proj"]
-    assert set(done.layers) == {"e", "y_q_proj", "y_k_proj", "y_v_proj"}
+    assert set(done.layers) == {"e", "y_q_proj", "y_k_proj", "y_v_proj", "g"}
     assert done.layers["y_k_proj"]["bits"] == 8 and done.layers["e"]["layer"] == "embed"
 
 
 def test_bits_8_keeps_every_layer_at_8_bits():
     model, result = run(WeightQuantize(bits=8))
     assert [n.attributes["bits"].value for n in model.graph if n.op_type == "MatMulNBits"] == [
+        8,
         8,
         8,
         8,
