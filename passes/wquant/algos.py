@@ -73,6 +73,42 @@ def rtn(w: np.ndarray, block: int, symmetric: bool) -> Blocks:
     return Blocks(encode(x, scale, zero), scale, zero, w.shape[0])
 
 
+# A block is on a 4-bit grid when every weight is within this fraction of its step of lo + step * q:
+# dequantized from a 4-bit format (SmolLM2-135M's layers, from GGUF Q4_1: 0.0 exactly; its Q8_0
+# table: 0.5, the most a weight can be off any grid)
+GRID_TOLERANCE = 1e-3
+GRID_PROBE = 64  # columns checked first, so a weight off any grid costs little
+
+
+def on_grid(w: np.ndarray, block: int) -> tuple[Blocks, np.ndarray] | None:
+    """When every block of ``w`` [K, N] is lo + step * q with q in 0..15 (weights dequantized from an
+    asymmetric 4-bit format such as GGUF's Q4_1): Blocks with exactly those codes and steps and, as
+    zero points, the integers nearest -lo / step, and each block's offset [N, blocks] that an integer
+    zero point leaves out (lo + zero * step): codes, scale, zero point and offset give the weight
+    back exactly. None for any other weight, or a K that is not a multiple of ``block``."""
+    if w.shape[0] % block or w.size == 0 or not _gridded(w[:, :GRID_PROBE], block):
+        return None
+    x = blocked(w, block)
+    lo, step = x.min(-1), (x.max(-1) - x.min(-1)) / MAXQ
+    step = np.where(step > 0, step, 1).astype(np.float32)
+    q = np.clip(np.rint((x - lo[..., None]) / step[..., None]), 0, MAXQ)
+    if np.any(np.abs(lo[..., None] + step[..., None] * q - x) > GRID_TOLERANCE * step[..., None]):
+        return None
+    zero = np.clip(np.rint(-lo / step), 0, MAXQ).astype(np.uint8)
+    offset = (lo + zero * step).astype(np.float32)
+    return Blocks(q.astype(np.uint8), step, zero, w.shape[0]), offset
+
+
+def _gridded(w: np.ndarray, block: int) -> bool:
+    x = blocked(w, block)
+    lo, step = x.min(-1), (x.max(-1) - x.min(-1)) / MAXQ
+    step = np.where(step > 0, step, 1)
+    q = np.clip(np.rint((x - lo[..., None]) / step[..., None]), 0, MAXQ)
+    return bool(
+        np.all(np.abs(lo[..., None] + step[..., None] * q - x) <= GRID_TOLERANCE * step[..., None])
+    )
+
+
 def block_error(x: np.ndarray, scale: np.ndarray, zero: np.ndarray) -> np.ndarray:
     """Squared error of each block of ``x`` [..., block] encoded at the given scales and zero points."""
     q = encode(x, scale, zero).astype(np.float64)

@@ -17,7 +17,7 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxopt.passes._common import constant
-from onnxopt.passes.wquant.algos import block_8bit, rtn
+from onnxopt.passes.wquant.algos import block_8bit, on_grid, rtn
 
 BUDGET = 0.015  # extra bytes for 8-bit layers, as a fraction of the 4-bit weights' bytes (MiniLM: 14.75 -> 14.96 MB)
 SCALE_BYTES = 4  # float32
@@ -42,6 +42,8 @@ def relative_error(node: ir.Node, options, hessian: np.ndarray | None) -> float:
     """The node's relative output error at 4 bits: weighed by ``hessian`` (X^T X) when given."""
     w = constant(weight_of(node))
     w = w.T if node.op_type == "Gather" else w.reshape(w.shape[-2:])
+    if options.grid and options.format == "ort" and on_grid(w, options.block) is not None:
+        return 0.0  # kept exact (see grid.py)
     error = rtn(w, options.block, options.symmetric).dequantize() - w
     if hessian is None or node.op_type == "Gather":
         return float(

@@ -42,13 +42,14 @@ from onnxopt.passes.quant.dynamic import _replace, quantize_gather
 from onnxopt.passes.quant.layers import LIST, layers, scale_range
 from onnxopt.passes.quant.quant import listed, refuse_quantized, skipped_notes
 from onnxopt.passes.wquant import algos as _int4_algos
-from onnxopt.passes.wquant.algos import Blocks, block_8bit, rtn_8bit
+from onnxopt.passes.wquant.algos import Blocks, block_8bit, on_grid, rtn_8bit
 from onnxopt.passes.wquant.gather import (
     gather_block_quantized,
     gather_then_dequantize,
     shared_block_quantized,
     table_initializers,
 )
+from onnxopt.passes.wquant.grid import offset_initializers, offset_nodes
 from onnxopt.passes.wquant.level import measured_level, set_level
 from onnxopt.passes.wquant.mixed import auto_8bit, weight_of
 from onnxopt.passes.wquant.pack import nbits_layout, qdq_layout
@@ -135,6 +136,16 @@ class WeightQuantize(OptPass):
             "is given: their fast kernel on CPU",
             choices=(AUTO, "0", "1", "2", "3", "4"),
             only_with={"format": ("ort",)},
+        ),
+        Option(
+            "grid",
+            bool,
+            True,
+            "a weight already on a 4-bit grid (dequantized from a 4-bit checkpoint such as GGUF "
+            "Q4_1) keeps its codes and steps exactly, each block's offset from an integer zero "
+            "point restored by an 8-bit product of the input's block sums (SmolLM2-135M: perplexity "
+            "+32% -> +12% data-free, +1.3 MB)",
+            only_with={"bits": (4,), "format": ("ort",)},
         ),
         Option(
             "keep_8bit",
@@ -250,6 +261,12 @@ class WeightQuantize(OptPass):
                 "outside exclude"
             )
         notes += skipped_notes(list(self.skipped))
+        grids = sum(1 for layer in result.layers.values() if layer.get("grid"))
+        if grids:
+            notes.append(
+                f"{grids} weights were already on a 4-bit grid (dequantized from a 4-bit checkpoint): "
+                "their codes and steps are kept exactly, block offsets restored in 8 bits (grid=true)"
+            )
         if result.kept_8bit:
             notes.append(f"kept {_listed(result.kept_8bit)} at 8 bits (keep_8bit)")
         return notes
@@ -507,6 +524,28 @@ def _matmul(
     b = node.inputs[1]
     shape = tuple(b.const_value.shape)
     key = (node.graph, source or b, bits)
+    grid = (
+        on_grid(constant(b).reshape(shape[-2:]), options.block)
+        if key not in done
+        and bits == 4
+        and options.grid
+        and options.format == "ort"
+        and len(shape) == 2
+        and source is None
+        else None
+    )
+    if grid is not None:
+        blocks, offset = grid
+        base = node.name or node.outputs[0].name or "matmul"
+        done[key, "offsets"] = offset_initializers(node.graph, offset, base)
+        _release(b)
+        done[key] = (
+            _quantized_weight(node, blocks, options, shape),
+            {
+                **_layer(blocks, 0.0),
+                "grid": True,
+            },
+        )
     if key not in done:
         if bits == 8:
             blocks, mse = _blocks(
@@ -525,19 +564,21 @@ def _matmul(
     if options.format == "qdq":
         node.replace_input_with(1, quantized)
         return
-    _replace(
+    new = _matmul_nbits(
         node,
-        _matmul_nbits(
-            node,
-            *quantized,
-            k=shape[-2],
-            n=shape[-1],
-            options=options,
-            nd=len(shape),
-            bits=layer["bits"],
-            block=layer["block"],
-        ),
+        *quantized,
+        k=shape[-2],
+        n=shape[-1],
+        options=options,
+        nd=len(shape),
+        bits=layer["bits"],
+        block=layer["block"],
     )
+    if (key, "offsets") in done:
+        new += offset_nodes(
+            node, new[-1].outputs[0], done[key, "offsets"], shape[-2], layer["block"], done
+        )
+    _replace(node, new)
 
 
 def _quantized_weight(node: ir.Node, blocks: Blocks, options, shape: tuple[int, ...]):
