@@ -165,6 +165,16 @@ def resolve(
     raise UsageError(_nothing_runs(values, dims, tried, error))
 
 
+def has_cache(model: ir.Model) -> bool:
+    """Whether the model is a decoder with a cache: an input with a dim named ``past...``."""
+    return any(
+        d and d.past
+        for v in model.graph.inputs
+        if v.shape is not None
+        for d in _classify(v)
+    )
+
+
 def _classify(value: ir.Value) -> list[_Dim | None]:
     """Per axis: None for a fixed dim, else which size it shares and what kind of dim it is."""
     shape = list(value.shape)

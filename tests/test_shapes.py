@@ -128,3 +128,28 @@ def test_the_resolver_reads_the_file_when_given(tmp_path):
     onnx.save(patch_net(), str(path))
     choice = resolve(_ir(patch_net()), source=path)
     assert choice.shapes["x"] == [1, 1, 32, 32]
+
+
+def test_a_decoder_cache_starts_empty_and_the_prefill_has_16_tokens():
+    """past_* dims at 0 (random keys and values are nothing the model sees), the other sequence dims
+    at PREFILL (position 0 alone is the attention sink); prefill=1 asks for a decode step's shapes."""
+    from onnxopt.shapes import PREFILL, has_cache
+
+    proto = make_model(
+        [
+            helper.make_node("Concat", ["past", "x"], ["present"], axis=1),
+            helper.make_node("ReduceSum", ["mask"], ["n"]),
+        ],
+        [
+            ("past", F, ["batch", "past_sequence", 4]),
+            ("x", F, ["batch", "sequence", 4]),
+            ("mask", TensorProto.INT64, ["batch", "total_sequence"]),
+        ],
+        [("present", F, ["batch", "total", 4]), ("n", TensorProto.INT64, [])],
+    )
+    model = _ir(proto)
+    assert has_cache(model)
+    choice = resolve(model)
+    assert choice.shapes == {"past": [1, 0, 4], "x": [1, PREFILL, 4], "mask": [1, PREFILL]}
+    assert resolve(model, prefill=1).shapes["x"] == [1, 1, 4]
+    assert not has_cache(_ir(patch_net()))

@@ -4,9 +4,11 @@ Level 0 dequantizes the weights to float and multiplies in fp32; level 4 quantiz
 input to int8 and multiplies in integers. Which is faster depends on the CPU and on the rows per call:
 on an AVX2 CPU without VNNI (onnxruntime 1.32, 2 threads) SmolLM2-135M's one-token decode step ran
 2.06x fp32's speed at level 4 against 1.32x at level 0, its 128-token prefill the same at both, and
-MiniLM at batch 32 x 128 ran 10% slower at level 4. So the model is timed at both levels on one row
-(a decode step, or batch 1 of anything) and on ``SEQUENCE`` rows, and level 4 is kept when the
-geometric mean of its time ratios is below 1. Accuracy is the same within noise (SmolLM2-135M
+MiniLM at batch 32 x 128 ran 10% slower at level 4. So the model is timed at both levels on
+``SEQUENCE`` rows (batch 1) and, when it is a decoder with a cache (which then makes tokens one row
+at a time), on one row, and level 4 is kept when the geometric mean of its time ratios is below 1.
+MiniLM (no cache) keeps 0: 1.08x at 128 rows, and at batch 32 x 64 its yardstick ran 0.951x fp32 at
+level 0, 0.841x at 4, though one row ran 0.30x. Accuracy is the same within noise (SmolLM2-135M
 perplexity 82.76 vs 82.81 for onnxruntime's RTN model at the two levels).
 """
 
@@ -19,7 +21,7 @@ import onnx_ir as ir
 from onnxopt import inputs
 from onnxopt.passes._common import MS_DOMAIN
 from onnxopt.passes.quant.tune import SEQUENCE, latencies
-from onnxopt.shapes import resolve
+from onnxopt.shapes import has_cache, resolve
 
 INT8 = 4
 ITERS = {
@@ -48,7 +50,7 @@ def measured_level(model: ir.Model, shapes: dict[str, list[int]] | None) -> tupl
     trial = model.clone()
     set_level(trial, INT8)
     ratios, seen = {}, []
-    for rows in ITERS:
+    for rows in ITERS if has_cache(model) else (SEQUENCE,):
         chosen = resolve(model, dict(shapes or {}), prefer=rows, prefill=1)  # 1: a decode step
         if chosen.shapes in seen:  # the user's shapes leave no dim to vary
             continue
