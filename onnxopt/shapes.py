@@ -168,10 +168,7 @@ def resolve(
 def has_cache(model: ir.Model) -> bool:
     """Whether the model is a decoder with a cache: an input with a dim named ``past...``."""
     return any(
-        d and d.past
-        for v in model.graph.inputs
-        if v.shape is not None
-        for d in _classify(v)
+        d and d.past for v in model.graph.inputs if v.shape is not None for d in _classify(v)
     )
 
 
