@@ -82,10 +82,10 @@ GRID_PROBE = 64  # columns checked first, so a weight off any grid costs little
 
 def on_grid(w: np.ndarray, block: int) -> tuple[Blocks, np.ndarray] | None:
     """When every block of ``w`` [K, N] is lo + step * q with q in 0..15 (weights dequantized from an
-    asymmetric 4-bit format such as GGUF's Q4_1): Blocks with exactly those codes and steps and, as
-    zero points, the integers nearest -lo / step, and each block's offset [N, blocks] that an integer
-    zero point leaves out (lo + zero * step): codes, scale, zero point and offset give the weight
-    back exactly. None for any other weight, or a K that is not a multiple of ``block``."""
+    asymmetric 4-bit format such as GGUF's Q4_1): Blocks with exactly those codes and steps, the
+    zero points nearest -lo / step, and each block's offset [N, blocks], lo + zero * step, that an
+    integer zero point leaves out: codes, step, zero point and offset give the weight back exactly. None for any other weight, or a K that is not a multiple of
+    ``block``."""
     if w.shape[0] % block or w.size == 0 or not _gridded(w[:, :GRID_PROBE], block):
         return None
     x = blocked(w, block)
@@ -94,6 +94,9 @@ def on_grid(w: np.ndarray, block: int) -> tuple[Blocks, np.ndarray] | None:
     q = np.clip(np.rint((x - lo[..., None]) / step[..., None]), 0, MAXQ)
     if np.any(np.abs(lo[..., None] + step[..., None] * q - x) > GRID_TOLERANCE * step[..., None]):
         return None
+    # the integer zero point nearest -lo / step leaves offsets within half a step, which 4 bits hold
+    # finely (with zero point 8 for all, 1.7 MB less on SmolLM2-135M, the offsets spread over several
+    # steps and 4-bit offsets cost perplexity: 80.15 against 77.54)
     zero = np.clip(np.rint(-lo / step), 0, MAXQ).astype(np.uint8)
     offset = (lo + zero * step).astype(np.float32)
     return Blocks(q.astype(np.uint8), step, zero, w.shape[0]), offset

@@ -22,10 +22,11 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxopt.passes._common import MS_DOMAIN, add_initializer, fresh_name
-from onnxopt.passes.wquant.algos import block_8bit, rtn_8bit
+from onnxopt.passes.wquant.algos import rtn
 from onnxopt.passes.wquant.pack import nbits_layout
 
-INT8_LEVEL = 4  # the offsets' 8-bit MatMulNBits: its fast kernel on CPU
+INT8_LEVEL = 4  # the offsets' MatMulNBits: int8 compute, its fast kernel on CPU at one row
+OFFSET_BLOCK = 32  # rows of offsets per scale: a whole layer's 18 (K 576) or 48 (K 1536) in 1-2 blocks
 
 
 def offset_nodes(
@@ -49,11 +50,11 @@ def offset_nodes(
         summed.outputs[0].name = f"{base}.block_sums"
         new.append(summed)
         sums[key] = summed.outputs[0]
-    packed, scales, width, n, rows = offsets
+    packed, scales, zeros, width, n, rows = offsets
     correction = ir.node(
         "MatMulNBits",
-        [sums[key], packed, scales],
-        {"K": rows, "N": n, "bits": 8, "block_size": width, "accuracy_level": INT8_LEVEL},
+        [sums[key], packed, scales, zeros],
+        {"K": rows, "N": n, "bits": 4, "block_size": width, "accuracy_level": INT8_LEVEL},
         domain=MS_DOMAIN,
         name=f"{base}.offsets",
     )
@@ -62,15 +63,16 @@ def offset_nodes(
 
 
 def offset_initializers(graph: ir.Graph, offset: np.ndarray, base: str) -> tuple:
-    """The offsets [N, blocks] as an 8-bit weight [blocks, N]: (B, scales, block, N, rows)."""
+    """The offsets [N, blocks] as a 4-bit weight [blocks, N] (asymmetric, one block of OFFSET_BLOCK
+    rows): (B, scales, zero points, block, N, rows)."""
     weight = np.ascontiguousarray(offset.T)
     rows, n = weight.shape
-    width = block_8bit(rows)
-    packed, scales, _ = nbits_layout(rtn_8bit(weight, width))
+    packed, scales, zeros = nbits_layout(rtn(weight, OFFSET_BLOCK, False))
     return (
-        add_initializer(graph, packed, fresh_name(graph, base, "offsets_int8")),
+        add_initializer(graph, packed, fresh_name(graph, base, "offsets_int4")),
         add_initializer(graph, scales, fresh_name(graph, base, "offsets_scale")),
-        width,
+        add_initializer(graph, zeros, fresh_name(graph, base, "offsets_zero_point")),
+        OFFSET_BLOCK,
         n,
         rows,
     )
