@@ -24,6 +24,10 @@ Calibration windows (``--write-calib``) come from other text: Python's own docum
 
 ``--ort`` first writes onnxruntime's ``MatMulNBitsQuantizer`` outputs of the fp32 model (RTN, block 32,
 symmetric; at accuracy level 0 and 4) beside the candidates and measures them too.
+
+``--build DIR`` makes the README's table: it writes the calibration windows and onnxopt's candidates
+into DIR (``quant(bits=4)``, the same with ``grid=false``, with ``calib=`` and with ``calib=`` and the
+head at 8 bits), printing each pass's wall time, then measures them with ``--ort``.
 """
 
 from __future__ import annotations
@@ -248,6 +252,38 @@ def match_torch(fp32: Path) -> None:
     print(f"model={fp32.name}  torch_max_abs={worst:.3g}  logits_max_abs={np.abs(ref).max():.3g}")
 
 
+CANDIDATES = {
+    "q4": "quant(bits=4)",
+    "q4_grid_false": "quant(bits=4,grid=false)",
+    "q4_calib": "quant(bits=4,calib={calib})",
+    "q4_calib_head8": "quant(bits=4,calib={calib},keep_8bit={head})",
+}
+
+
+def build(folder: Path, fp32: Path, windows: int) -> list[Path]:
+    """onnxopt's candidates of ``fp32`` in ``folder`` (see the module docstring), each timed."""
+    import onnx
+
+    folder.mkdir(parents=True, exist_ok=True)
+    calib = folder / "calib.npz"
+    write_calib(calib, windows, fp32)
+    graph = onnx.load(str(fp32), load_external_data=False).graph
+    head = next(n.name for n in graph.node if "logits" in n.output)
+    made = []
+    for name, passes in CANDIDATES.items():
+        target = folder / f"{name}.onnx"
+        spec = passes.format(calib=calib, head=head)
+        start = time.perf_counter()
+        subprocess.run(
+            ["onnxopt", "run", str(fp32), "-o", str(target), "--passes", spec],
+            check=True,
+            capture_output=True,
+        )
+        print(f"built {target.name}: {spec} in {time.perf_counter() - start:.0f} s", flush=True)
+        made.append(target)
+    return made
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("candidates", nargs="*", type=Path)
@@ -260,6 +296,7 @@ def main() -> None:
     parser.add_argument("--write-calib", type=Path)
     parser.add_argument("--calib-windows", type=int, default=128)
     parser.add_argument("--match-torch", action="store_true")
+    parser.add_argument("--build", type=Path, help="write onnxopt's candidates here, then measure")
     parser.add_argument("--rss", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.rss:
@@ -273,6 +310,9 @@ def main() -> None:
     if args.write_calib:
         return write_calib(args.write_calib, args.calib_windows, args.fp32)
     paths = list(args.candidates)
+    if args.build:
+        paths += build(args.build, args.fp32, args.calib_windows)
+        args.ort = True
     if args.ort:
         folder = paths[0].parent if paths else Path.cwd()
         paths += write_ort_models(args.fp32, folder)

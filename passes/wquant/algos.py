@@ -84,8 +84,8 @@ def on_grid(w: np.ndarray, block: int) -> tuple[Blocks, np.ndarray] | None:
     """When every block of ``w`` [K, N] is lo + step * q with q in 0..15 (weights dequantized from an
     asymmetric 4-bit format such as GGUF's Q4_1): Blocks with exactly those codes and steps, the
     zero points nearest -lo / step, and each block's offset [N, blocks], lo + zero * step, that an
-    integer zero point leaves out: codes, step, zero point and offset give the weight back exactly. None for any other weight, or a K that is not a multiple of
-    ``block``."""
+    integer zero point leaves out: codes, step, zero point and offset give the weight back exactly.
+    None for any other weight, or a K that is not a multiple of ``block``."""
     if w.shape[0] % block or w.size == 0 or not _gridded(w[:, :GRID_PROBE], block):
         return None
     x = blocked(w, block)

@@ -11,9 +11,9 @@ So when ``algos.on_grid`` finds the grid, the layer becomes
     MatMulNBits(x, codes, steps, zero points) + MatMulNBits(x @ P, offsets)
 
 where P [K, blocks] sums each block of x's channels (the sums are shared by every layer reading x)
-and the offsets [blocks, N] are 8-bit weights of their own (one byte per 32 weights, MiniLM-sized
-layers +0.4 %). The 8-bit offsets err by 1/254 of the largest offset in their block of 32 rows, so
-the layer is exact to ~1/500 of a step instead of 1/2.
+and the offsets [blocks, N], within half a step of zero, are 4-bit weights of their own (about a byte
+per 32 weights: SmolLM2-135M 89.4 -> 93.5 MB, 8-bit offsets 96.0 MB for the same perplexity), exact
+to ~1/30 of a step instead of 1/2. The extra kernels cost 15 % of a decode step.
 """
 
 from __future__ import annotations
@@ -26,7 +26,9 @@ from onnxopt.passes.wquant.algos import rtn
 from onnxopt.passes.wquant.pack import nbits_layout
 
 INT8_LEVEL = 4  # the offsets' MatMulNBits: int8 compute, its fast kernel on CPU at one row
-OFFSET_BLOCK = 32  # rows of offsets per scale: a whole layer's 18 (K 576) or 48 (K 1536) in 1-2 blocks
+OFFSET_BLOCK = (
+    32  # rows of offsets per scale: a whole layer's 18 (K 576) or 48 (K 1536) in 1-2 blocks
+)
 
 
 def offset_nodes(

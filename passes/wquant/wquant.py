@@ -142,9 +142,9 @@ class WeightQuantize(OptPass):
             bool,
             True,
             "a weight already on a 4-bit grid (dequantized from a 4-bit checkpoint such as GGUF "
-            "Q4_1) keeps its codes and steps exactly, each block's offset from an integer zero "
-            "point restored by an 8-bit product of the input's block sums (SmolLM2-135M: perplexity "
-            "+32% -> +12% data-free, +1.3 MB)",
+            "Q4_1) keeps its codes and steps exactly, the part of each block's offset an integer "
+            "zero point cannot hold added back by a 4-bit product of the input's block sums "
+            "(SmolLM2-135M: perplexity +36% -> +10.5% data-free, 89.4 -> 93.5 MB)",
             only_with={"bits": (4,), "format": ("ort",)},
         ),
         Option(
@@ -265,7 +265,7 @@ class WeightQuantize(OptPass):
         if grids:
             notes.append(
                 f"{grids} weights were already on a 4-bit grid (dequantized from a 4-bit checkpoint): "
-                "their codes and steps are kept exactly, block offsets restored in 8 bits (grid=true)"
+                "their codes and steps are kept exactly, block offsets restored in 4 bits (grid=true)"
             )
         if result.kept_8bit:
             notes.append(f"kept {_listed(result.kept_8bit)} at 8 bits (keep_8bit)")
