@@ -130,10 +130,10 @@ class WeightQuantize(OptPass):
             str,
             AUTO,
             "MatMulNBits' least precision of its input: 0 as given, 1 fp32, 2 fp16, 3 bf16, 4 int8; "
-            "auto: 0 or 4, whichever the model runs faster at on this CPU, timed on one row and on "
-            "128 (a decoder's step ran 2.06x fp32's speed at 4, 1.32x at 0, on AVX2 without VNNI; "
-            "MiniLM at batch 32 was 10% slower at 4). 8-bit layers (keep_8bit) take 4 unless a level "
-            "is given: their fast kernel on CPU",
+            "auto: 0 or 4, whichever the model runs faster at on this CPU, timed on 128 rows and, "
+            "for a decoder with a cache, on one (SmolLM2-135M's decode step: 0.36-0.54x the time at "
+            "4 on AVX2 without VNNI; MiniLM at batch 32 ran 12% slower at 4). 8-bit layers "
+            "(keep_8bit) take 4 unless a level is given: their fast kernel on CPU",
             choices=(AUTO, "0", "1", "2", "3", "4"),
             only_with={"format": ("ort",)},
         ),
@@ -315,9 +315,9 @@ def quantize_int4(model: ir.Model, options: WeightQuantize, shapes=None) -> Quan
     or all with bits=8) as the ``options`` of a WeightQuantize say; ``shapes`` are the user's input
     shapes, for the check of an opset raise (format=qdq)."""
     result = Quantized()
-    tied = _untranspose_weights(model, options) if options.format == "ort" else {}
-    if options.format == "qdq":
-        _untranspose_weights(model, options)  # the head's layout is not the table's: stored apart
+    tied = _untranspose_weights(model, options)
+    if options.format != "ort":  # a blocked DequantizeLinear's layout is not the lookup's: apart
+        tied = {}
     if not any(_target(n, options) for g in model.graphs() for n in g):
         return result
     if options.format == "qdq":
