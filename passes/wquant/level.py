@@ -19,6 +19,7 @@ import math
 import onnx_ir as ir
 
 from onnxopt import inputs
+from onnxopt.errors import OnnxoptError, one_line
 from onnxopt.passes._common import MS_DOMAIN
 from onnxopt.passes.quant.tune import SEQUENCE, latencies
 from onnxopt.shapes import has_cache, resolve
@@ -51,12 +52,15 @@ def measured_level(model: ir.Model, shapes: dict[str, list[int]] | None) -> tupl
     set_level(trial, INT8)
     ratios, seen = {}, []
     for rows in ITERS if has_cache(model) else (SEQUENCE,):
-        chosen = resolve(model, dict(shapes or {}), prefer=rows, prefill=1)  # 1: a decode step
-        if chosen.shapes in seen:  # the user's shapes leave no dim to vary
-            continue
-        seen.append(chosen.shapes)
-        feeds = inputs.generate(model, chosen.shapes)[0]
-        base, int8 = latencies([model, trial], feeds, iters=ITERS[rows])
+        try:
+            chosen = resolve(model, dict(shapes or {}), prefer=rows, prefill=1)  # 1: a decode step
+            if chosen.shapes in seen:  # the user's shapes leave no dim to vary
+                continue
+            seen.append(chosen.shapes)
+            feeds = inputs.generate(model, chosen.shapes)[0]
+            base, int8 = latencies([model, trial], feeds, iters=ITERS[rows])
+        except (OnnxoptError, RuntimeError, ValueError) as exc:  # the model still quantized: keep 0
+            return 0, f"accuracy_level=auto kept 0: the model could not be timed ({one_line(exc)})"
         ratios[rows] = int8 / base
     mean = math.exp(sum(map(math.log, ratios.values())) / len(ratios))
     level = INT8 if mean < 1 else 0

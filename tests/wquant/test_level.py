@@ -95,3 +95,14 @@ def test_auto_times_for_real_and_the_outputs_hold():
     got = run_proto(ir.serde.serialize_model(model), feeds)["y"]
     cos = np.sum(ref * got) / np.linalg.norm(ref) / np.linalg.norm(got)
     assert cos > 0.98, result.notes
+
+
+def test_a_model_that_cannot_be_timed_keeps_level_0_with_a_note(monkeypatch):
+    def fail(models, feeds, iters):
+        raise RuntimeError("no session")
+
+    monkeypatch.setattr(level, "latencies", fail)
+    model = ir.serde.deserialize_model(decoder_like())
+    result = Quantize(bits=4)(model)
+    assert levels(model) == [0, 0]
+    assert "accuracy_level=auto kept 0: the model could not be timed (no session)" in result.notes
