@@ -6,14 +6,13 @@ codes and steps but only an integer zero point, so re-quantizing loses each bloc
 step (|offset| <= d/2, the same for all 32 weights of the block): on SmolLM2-135M round to nearest
 left perplexity +32 %, and GPTQ on 128 calibration windows +7 %, though the codes were there.
 
-So when ``algos.on_grid`` finds the grid, the layer becomes
-
-    MatMulNBits(x, codes, steps, zero points) + MatMulNBits(x @ P, offsets)
-
-where P [K, blocks] sums each block of x's channels (the sums are shared by every layer reading x)
-and the offsets [blocks, N], within half a step of zero, are 4-bit weights of their own (about a byte
-per 32 weights: SmolLM2-135M 89.4 -> 93.5 MB, 8-bit offsets 96.0 MB for the same perplexity), exact
-to ~1/30 of a step instead of 1/2. The extra kernels cost 15 % of a decode step.
+So when ``algos.on_grid`` finds the grid, the layer becomes one MatMulNBits of [x, x @ P], where P
+[K, blocks] sums each block of x's channels (made once per input, shared by the layers reading it),
+whose weight is the layer's codes, steps and zero points followed by the offsets [blocks, N] as
+rows of their own, 4-bit (about a byte per 32 weights: SmolLM2-135M 89.4 -> 93.5 MB; 8-bit offsets
+96.0 MB for the same perplexity). Offsets within half a step of zero (blocks that straddle zero, as
+LLM weights' do) come out exact to ~1/30 of a step instead of 1/2. As a second MatMulNBits and an
+Add per layer the offsets cost 12 % of a decode step.
 """
 
 from __future__ import annotations
@@ -21,9 +20,8 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from onnxopt.passes._common import MS_DOMAIN, add_initializer, fresh_name
-from onnxopt.passes.wquant.algos import rtn
-from onnxopt.passes.wquant.pack import nbits_layout
+from onnxopt.passes._common import add_initializer, fresh_name
+from onnxopt.passes.wquant.algos import Blocks, rtn
 
 INT8_LEVEL = 4  # the offsets' MatMulNBits: int8 compute, its fast kernel on CPU at one row
 OFFSET_BLOCK = (
@@ -31,50 +29,43 @@ OFFSET_BLOCK = (
 )
 
 
-def offset_nodes(
-    node: ir.Node, y: ir.Value, offsets: tuple, k: int, block: int, sums: dict
-) -> list[ir.Node]:
-    """Nodes that add the offsets' product to ``y`` (the 4-bit product of ``node``'s input): the block
-    sums of the input (made once per input and cached in ``sums``) times ``offsets`` (the 8-bit
-    MatMulNBits initializers and their width). The last node's output is the layer's."""
+def with_offsets(blocks: Blocks, offset: np.ndarray) -> Blocks:
+    """The layer's blocks followed by its offsets [N, blocks] as rows of their own: the weight of
+    [x, block sums of x], K + blocks rows, the offsets 4-bit (asymmetric) in blocks of the same size."""
+    rows = np.ascontiguousarray(offset.T)  # [blocks, N]
+    extra = rtn(rows, blocks.q.shape[-1], False)
+    return Blocks(
+        np.concatenate([blocks.q, extra.q], axis=1),
+        np.concatenate([blocks.scale, extra.scale], axis=1),
+        np.concatenate([blocks.zero, extra.zero], axis=1),
+        blocks.k + rows.shape[0],
+    )
+
+
+def extended_input(
+    node: ir.Node, k: int, block: int, cache: dict
+) -> tuple[list[ir.Node], ir.Value]:
+    """Nodes making [x, x @ P] from ``node``'s input x (P [K, blocks] sums each block of channels),
+    once per input (``cache``), and that value."""
     graph, x = node.graph, node.inputs[0]
-    base = node.name or node.outputs[0].name or "matmul"
-    new = []
     key = (graph, x, k, block)
-    if key not in sums:
-        if (graph, k, block) not in sums:  # one indicator per shape, shared by every input
-            indicator = np.zeros((k, k // block), np.float32)
-            indicator[np.arange(k), np.arange(k) // block] = 1
-            sums[graph, k, block] = add_initializer(
-                graph, indicator, fresh_name(graph, f"block_sums_{k}_{block}", "indicator")
-            )
-        summed = ir.node("MatMul", [x, sums[graph, k, block]], name=f"{base}.block_sums")
-        summed.outputs[0].name = f"{base}.block_sums"
-        new.append(summed)
-        sums[key] = summed.outputs[0]
-    packed, scales, zeros, width, n, rows = offsets
-    correction = ir.node(
-        "MatMulNBits",
-        [sums[key], packed, scales, zeros],
-        {"K": rows, "N": n, "bits": 4, "block_size": width, "accuracy_level": INT8_LEVEL},
-        domain=MS_DOMAIN,
-        name=f"{base}.offsets",
-    )
-    added = ir.node("Add", [y, correction.outputs[0]], name=f"{base}.with_offsets")
-    return [*new, correction, added]
-
-
-def offset_initializers(graph: ir.Graph, offset: np.ndarray, base: str) -> tuple:
-    """The offsets [N, blocks] as a 4-bit weight [blocks, N] (asymmetric, one block of OFFSET_BLOCK
-    rows): (B, scales, zero points, block, N, rows)."""
-    weight = np.ascontiguousarray(offset.T)
-    rows, n = weight.shape
-    packed, scales, zeros = nbits_layout(rtn(weight, OFFSET_BLOCK, False))
-    return (
-        add_initializer(graph, packed, fresh_name(graph, base, "offsets_int4")),
-        add_initializer(graph, scales, fresh_name(graph, base, "offsets_scale")),
-        add_initializer(graph, zeros, fresh_name(graph, base, "offsets_zero_point")),
-        OFFSET_BLOCK,
-        n,
-        rows,
-    )
+    if key in cache:
+        return [], cache[key]
+    if (graph, k, block) not in cache:  # one indicator per shape, shared by every input
+        indicator = np.zeros((k, k // block), np.float32)
+        indicator[np.arange(k), np.arange(k) // block] = 1
+        cache[graph, k, block] = add_initializer(
+            graph, indicator, fresh_name(graph, f"block_sums_{k}_{block}", "indicator")
+        )
+    base = node.name or node.outputs[0].name or "matmul"
+    sums = ir.node("MatMul", [x, cache[graph, k, block]], name=f"{base}.block_sums")
+    joined = ir.node("Concat", [x, sums.outputs[0]], {"axis": -1}, name=f"{base}.with_block_sums")
+    lead = list(x.shape)[:-1] if x.shape is not None else None
+    for value, suffix, width in (
+        (sums.outputs[0], "block_sums", k // block),
+        (joined.outputs[0], "with_block_sums", k + k // block),
+    ):
+        value.name, value.type = f"{base}.{suffix}", ir.TensorType(ir.DataType.FLOAT)
+        value.shape = None if lead is None else ir.Shape([*lead, width])
+    cache[key] = joined.outputs[0]
+    return [sums, joined], joined.outputs[0]

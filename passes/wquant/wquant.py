@@ -49,7 +49,7 @@ from onnxopt.passes.wquant.gather import (
     shared_block_quantized,
     table_initializers,
 )
-from onnxopt.passes.wquant.grid import offset_initializers, offset_nodes
+from onnxopt.passes.wquant.grid import extended_input, with_offsets
 from onnxopt.passes.wquant.level import measured_level, set_level
 from onnxopt.passes.wquant.mixed import auto_8bit, weight_of
 from onnxopt.passes.wquant.pack import nbits_layout, qdq_layout
@@ -535,16 +535,11 @@ def _matmul(
         else None
     )
     if grid is not None:
-        blocks, offset = grid
-        base = node.name or node.outputs[0].name or "matmul"
-        done[key, "offsets"] = offset_initializers(node.graph, offset, base)
+        blocks = with_offsets(*grid)
         _release(b)
         done[key] = (
             _quantized_weight(node, blocks, options, shape),
-            {
-                **_layer(blocks, 0.0),
-                "grid": True,
-            },
+            {**_layer(blocks, 0.0), "grid": True},
         )
     if key not in done:
         if bits == 8:
@@ -564,20 +559,20 @@ def _matmul(
     if options.format == "qdq":
         node.replace_input_with(1, quantized)
         return
-    new = _matmul_nbits(
+    new, x = [], node.inputs[0]
+    if layer.get("grid"):  # the input with its block sums: see grid.py
+        new, x = extended_input(node, shape[-2], layer["block"], done)
+    new += _matmul_nbits(
         node,
         *quantized,
-        k=shape[-2],
+        k=shape[-2] + (shape[-2] // layer["block"] if layer.get("grid") else 0),
         n=shape[-1],
         options=options,
         nd=len(shape),
         bits=layer["bits"],
         block=layer["block"],
+        x=x,
     )
-    if (key, "offsets") in done:
-        new += offset_nodes(
-            node, new[-1].outputs[0], done[key, "offsets"], shape[-2], layer["block"], done
-        )
     _replace(node, new)
 
 
@@ -648,14 +643,24 @@ def _initializer(graph: ir.Graph, array: np.ndarray, dtype: ir.DataType, name: s
 
 
 def _matmul_nbits(
-    node: ir.Node, packed, scales, zeros, *, k: int, n: int, options, nd: int, bits: int, block: int
+    node: ir.Node,
+    packed,
+    scales,
+    zeros,
+    *,
+    k: int,
+    n: int,
+    options,
+    nd: int,
+    bits: int,
+    block: int,
+    x: ir.Value,
 ) -> list[ir.Node]:
     base = node.name or node.outputs[0].name or "matmul"
     attributes = {"K": k, "N": n, "bits": bits, "block_size": block}
     level = options.level or (INT8_ACCURACY_LEVEL if bits == 8 else 0)
     if level:  # left out at 0 (and for auto to set), as onnxruntime's quantizer does: other providers may not know it
         attributes["accuracy_level"] = level
-    x = node.inputs[0]
     inputs = [x, packed, scales] + ([zeros] if zeros is not None else [])
     new = [ir.node("MatMulNBits", inputs, attributes, domain=MS_DOMAIN, name=f"{base}.int{bits}")]
     missing = nd - rank(x)
