@@ -23,6 +23,7 @@ import onnx_ir as ir
 from onnxopt.passes._common import add_initializer, fresh_name
 from onnxopt.passes.wquant.algos import Blocks, rtn
 
+
 def with_offsets(blocks: Blocks, offset: np.ndarray) -> Blocks:
     """The layer's blocks followed by its offsets [N, blocks] as rows of their own: the weight of
     [x, block sums of x], K + blocks rows, the offsets 4-bit (asymmetric) in blocks of the same size."""
