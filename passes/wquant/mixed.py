@@ -17,16 +17,22 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxopt.passes._common import constant
-from onnxopt.passes.wquant.algos import block_8bit, on_grid, rtn
+from onnxopt.passes.wquant.algos import block_8bit, rtn
 
 BUDGET = 0.015  # extra bytes for 8-bit layers, as a fraction of the 4-bit weights' bytes (MiniLM: 14.75 -> 14.96 MB)
 SCALE_BYTES = 4  # float32
 
 
-def auto_8bit(targets: list[ir.Node], options, hessians: dict[str, np.ndarray]) -> set[ir.Node]:
+def auto_8bit(
+    targets: list[ir.Node], options, hessians: dict[str, np.ndarray], exact: set[ir.Node]
+) -> set[ir.Node]:
     """The ``targets`` to keep at 8 bits. ``options`` (the WeightQuantize pass) gives block and
-    symmetric; ``hessians`` X^T X by MatMul input name."""
-    costs = {n: relative_error(n, options, hessians.get(n.inputs[0].name)) for n in targets}
+    symmetric; ``hessians`` X^T X by MatMul input name; ``exact`` the targets 4 bits hold exactly
+    (see grid.py): they cost nothing."""
+    costs = {
+        n: 0.0 if n in exact else relative_error(n, options, hessians.get(n.inputs[0].name))
+        for n in targets
+    }
     bytes4 = {n: _bytes_4bit(n, options) for n in targets}
     extra = {n: _bytes_8bit(n) - bytes4[n] for n in targets}
     budget = BUDGET * sum(bytes4.values())
@@ -42,8 +48,6 @@ def relative_error(node: ir.Node, options, hessian: np.ndarray | None) -> float:
     """The node's relative output error at 4 bits: weighed by ``hessian`` (X^T X) when given."""
     w = constant(weight_of(node))
     w = w.T if node.op_type == "Gather" else w.reshape(w.shape[-2:])
-    if options.grid and options.format == "ort" and on_grid(w, options.block) is not None:
-        return 0.0  # kept exact (see grid.py)
     error = rtn(w, options.block, options.symmetric).dequantize() - w
     if hessian is None or node.op_type == "Gather":
         return float(

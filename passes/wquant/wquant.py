@@ -328,14 +328,15 @@ def quantize_int4(model: ir.Model, options: WeightQuantize, shapes=None) -> Quan
         key=lambda n: n.op_type == "Gather",
     )
     algo = options.int4_algo
-    hessians = (
-        _hessians(model, targets, options.calib)
-        if options.bits == 4 and (algo == "gptq" or options.auto_8bit)
-        else {}
-    )
+    hessians, exact = {}, set()
+    if options.bits == 4 and (algo == "gptq" or options.auto_8bit):
+        # layers kept exactly by grid need no statistics and cost nothing at 4 bits
+        exact = {n for n in targets if _grid_blocks(n, options, tied.get(n.inputs[1])) is not None}
+        measured = [n for n in targets if n not in exact]
+        hessians = _hessians(model, measured, options.calib) if measured else {}
     # a weight read by several nodes is quantized once per graph and width
     done: dict[tuple, tuple] = {}
-    auto = auto_8bit(targets, options, hessians) if options.auto_8bit else set()
+    auto = auto_8bit(targets, options, hessians, exact) if options.auto_8bit else set()
     for node in targets:
         if node in auto or options.keeps_8bit(node):
             if options.bits == 4:
@@ -524,16 +525,7 @@ def _matmul(
     b = node.inputs[1]
     shape = tuple(b.const_value.shape)
     key = (node.graph, source or b, bits)
-    grid = (
-        on_grid(constant(b).reshape(shape[-2:]), options.block)
-        if key not in done
-        and bits == 4
-        and options.grid
-        and options.format == "ort"
-        and len(shape) == 2
-        and source is None
-        else None
-    )
+    grid = _grid_blocks(node, options, source) if key not in done and bits == 4 else None
     if grid is not None:
         blocks = with_offsets(*grid)
         _release(b)
@@ -574,6 +566,17 @@ def _matmul(
         x=x,
     )
     _replace(node, new)
+
+
+def _grid_blocks(node: ir.Node, options, source: ir.Value | None):
+    """``algos.on_grid`` of a MatMul's 2-D weight when grid applies to it (format=ort, not a tied
+    head), else None."""
+    if not (
+        options.grid and options.format == "ort" and node.op_type == "MatMul" and source is None
+    ):
+        return None
+    w = constant(node.inputs[1])
+    return on_grid(w, options.block) if w is not None and w.ndim == 2 else None
 
 
 def _quantized_weight(node: ir.Node, blocks: Blocks, options, shape: tuple[int, ...]):
