@@ -84,8 +84,42 @@ def calib_text() -> str:
     )
 
 
+class Inputs:
+    """A decoder's inputs as its graph declares them (read without its weights): which of
+    attention_mask and position_ids it takes, and its past tensors' names, heads and head size."""
+
+    def __init__(self, path: Path):
+        import onnx
+
+        graph = onnx.load(str(path), load_external_data=False).graph
+        self.names = {v.name for v in graph.input}
+        self.past = [
+            (
+                v.name,
+                v.type.tensor_type.shape.dim[1].dim_value,
+                v.type.tensor_type.shape.dim[3].dim_value,
+            )
+            for v in graph.input
+            if v.name.startswith("past")
+        ]
+
+    def feeds(self, ids: np.ndarray, past: list[np.ndarray] | None = None) -> dict:
+        """Feeds for ``ids`` [batch, seq] after ``past`` (present tensors of an earlier run; None:
+        an empty cache)."""
+        batch, seq = ids.shape
+        start = 0 if past is None else past[0].shape[2]
+        feeds = {"input_ids": ids}
+        if "attention_mask" in self.names:
+            feeds["attention_mask"] = np.ones((batch, start + seq), np.int64)
+        if "position_ids" in self.names:
+            feeds["position_ids"] = np.tile(np.arange(start, start + seq), (batch, 1))
+        for i, (name, heads, dim) in enumerate(self.past):
+            feeds[name] = np.zeros((batch, heads, 0, dim), np.float32) if past is None else past[i]
+        return feeds
+
+
 class Decoder:
-    """One decoder's session and the feeds of its cache inputs."""
+    """One decoder's session and its inputs."""
 
     def __init__(self, path: Path, threads: int):
         options = ort.SessionOptions()
@@ -93,26 +127,9 @@ class Decoder:
         options.inter_op_num_threads = 1
         self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         self.path = path
-        inputs = self.session.get_inputs()
-        self.past = [i for i in inputs if i.name.startswith("past")]
-        self.names = [o.name for o in self.session.get_outputs()]
-
-    def feeds(self, ids: np.ndarray, past: list[np.ndarray] | None = None) -> dict:
-        batch, seq = ids.shape
-        start = 0 if past is None else past[0].shape[2]
-        feeds = {"input_ids": ids}
-        names = {i.name for i in self.session.get_inputs()}
-        if "attention_mask" in names:
-            feeds["attention_mask"] = np.ones((batch, start + seq), np.int64)
-        if "position_ids" in names:
-            feeds["position_ids"] = np.tile(np.arange(start, start + seq), (batch, 1))
-        for i, value in enumerate(self.past):
-            if past is None:
-                heads, dim = value.shape[1], value.shape[3]
-                feeds[value.name] = np.zeros((batch, heads, 0, dim), np.float32)
-            else:
-                feeds[value.name] = past[i]
-        return feeds
+        self.inputs = Inputs(path)
+        self.past = self.inputs.past
+        self.feeds = self.inputs.feeds
 
     def run(self, ids: np.ndarray, past=None) -> tuple[np.ndarray, list[np.ndarray]]:
         out = self.session.run(None, self.feeds(ids, past))
@@ -226,9 +243,7 @@ def write_ort_models(fp32: Path, folder: Path) -> list[Path]:
 
 def write_calib(target: Path, count: int, fp32: Path) -> None:
     rows = windows(tokenize(calib_text()), count)
-    d = Decoder(fp32, 1)
-    feeds = d.feeds(rows)
-    np.savez(target, **feeds)
+    np.savez(target, **Inputs(fp32).feeds(rows))
     print(f"wrote {target}: {len(rows)} windows of {WINDOW} tokens from pydoc_data.topics")
 
 

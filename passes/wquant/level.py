@@ -25,10 +25,8 @@ from onnxopt.passes.quant.tune import SEQUENCE, latencies
 from onnxopt.shapes import has_cache, resolve
 
 INT8 = 4
-ITERS = {
-    1: 30,
-    SEQUENCE: 8,
-}  # timed runs per model at each row count (a prefill of 128 takes 100x a step)
+# timed runs per model at each row count (a prefill of 128 takes 100x a step)
+ITERS = {1: 30, SEQUENCE: 8}
 
 
 def four_bit_nodes(model: ir.Model) -> list[ir.Node]:
