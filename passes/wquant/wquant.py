@@ -130,8 +130,8 @@ class WeightQuantize(OptPass):
             str,
             AUTO,
             "MatMulNBits' least precision of its input: 0 as given, 1 fp32, 2 fp16, 3 bf16, 4 int8; "
-            "auto: 0 or 4, whichever the model runs faster at on this CPU, timed on 128 rows and, "
-            "for a decoder with a cache, on one (SmolLM2-135M's decode step: 0.36-0.54x the time at "
+            "auto: 4 when the model runs at least 10% faster at it on this CPU, timed on 128 rows "
+            "and, for a decoder with a cache, on one (SmolLM2-135M's decode step: 0.36-0.54x the time at "
             "4 on AVX2 without VNNI; MiniLM at batch 32 ran 12% slower at 4). 8-bit layers "
             "(keep_8bit) take 4 unless a level is given: their fast kernel on CPU",
             choices=(AUTO, "0", "1", "2", "3", "4"),

@@ -46,7 +46,7 @@ def levels(model):
     ]
 
 
-@pytest.mark.parametrize("int8_time, chosen", [(0.5, 4), (1.5, 0)])
+@pytest.mark.parametrize("int8_time, chosen", [(0.5, 4), (0.95, 0), (1.5, 0)])  # 0.95: noise
 def test_auto_keeps_the_faster_level(monkeypatch, int8_time, chosen):
     timed = []
 
